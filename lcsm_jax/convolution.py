@@ -1,0 +1,103 @@
+"""Causal long convolutions over the time axis: FFT (fast) and direct (reference).
+
+Shapes: inputs are `(..., L, C)` with time on the second-to-last axis and channels last;
+filters are `(Lh, C)` with `Lh >= L` taps (only the first `L` are used, so a filter computed
+for a longer length gives the same result: filters are prefix-consistent).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def fft_length(n: int) -> int:
+  """Smallest 2^a 3^b 5^c >= n: a transform size XLA's FFT handles without slow prime factors."""
+  if n < 1:
+    raise ValueError(f"fft_length needs n >= 1, got {n}.")
+  best = 1 << (n - 1).bit_length()
+  p5 = 1
+  while p5 < best:
+    p35 = p5
+    while p35 < best:
+      p = p35
+      while p < n:
+        p *= 2
+      best = min(best, p)
+      p35 *= 3
+    p5 *= 5
+  return best
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  """FFTs run in float32 (float64 under x64 inputs); jnp.fft rejects bfloat16."""
+  return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def causal_conv_fft(u: jax.Array, h: jax.Array) -> jax.Array:
+  """`y[..., t, c] = sum_{s <= t} u[..., s, c] * h[t - s, c]` through one real FFT of size >= 2L.
+
+  Args:
+    u: `(..., L, C)` input.
+    h: `(Lh, C)` filter taps, `Lh >= L`.
+  Returns:
+    `(..., L, C)` in the compute dtype (float32, or float64 for float64 inputs).
+  """
+  length = u.shape[-2]
+  _check_filter(u, h)
+  dtype = _compute_dtype(jnp.result_type(u.dtype, h.dtype))
+  n = fft_length(2 * length)
+  u_f = jnp.fft.rfft(u.astype(dtype), n=n, axis=-2)
+  h_f = jnp.fft.rfft(h[:length].astype(dtype), n=n, axis=0)
+  return jnp.fft.irfft(u_f * h_f, n=n, axis=-2)[..., :length, :]
+
+
+def causal_conv_direct(u: jax.Array, h: jax.Array) -> jax.Array:
+  """The same convolution as `causal_conv_fft`, by the O(L^2) sum over lags (test reference)."""
+  length = u.shape[-2]
+  _check_filter(u, h)
+  dtype = _compute_dtype(jnp.result_type(u.dtype, h.dtype))
+  u = u.astype(dtype)
+  h = h[:length].astype(dtype)
+  padded = jnp.concatenate([jnp.zeros_like(u), u], axis=-2)  # (..., 2L, C)
+
+  def add_lag(lag, y):
+    shifted = jax.lax.dynamic_slice_in_dim(padded, length - lag, length, axis=-2)
+    return y + shifted * h[lag]
+
+  return jax.lax.fori_loop(0, length, add_lag, jnp.zeros_like(u))
+
+
+def causal_conv_numpy(u: np.ndarray, h: np.ndarray) -> np.ndarray:
+  """Direct O(L^2) causal convolution in float64 NumPy: independent of JAX, for tests."""
+  u = np.asarray(u, np.float64)
+  h = np.asarray(h, np.float64)
+  length = u.shape[-2]
+  y = np.zeros_like(u)
+  for lag in range(length):
+    y[..., lag:, :] += u[..., :length - lag, :] * h[lag]
+  return y
+
+
+def _check_filter(u: jax.Array, h: jax.Array) -> None:
+  if h.ndim != 2:
+    raise ValueError(f"filter must have shape (taps, channels), got {h.shape}.")
+  if u.ndim < 2 or u.shape[-1] != h.shape[-1]:
+    raise ValueError(f"input (..., L, C) {u.shape} does not match filter (taps, C) {h.shape}.")
+  if h.shape[0] < u.shape[-2]:
+    raise ValueError(
+        f"filter has {h.shape[0]} taps, fewer than the sequence length {u.shape[-2]}.")
+
+
+LONG_CONVOLUTIONS = {"fft": causal_conv_fft, "direct": causal_conv_direct}
+
+
+@functools.cache
+def long_convolution(name: str):
+  """The long-convolution function by name: 'fft' (default) or 'direct'."""
+  if name not in LONG_CONVOLUTIONS:
+    raise ValueError(f"unknown long convolution {name!r}; choose one of {sorted(LONG_CONVOLUTIONS)}.")
+  return LONG_CONVOLUTIONS[name]

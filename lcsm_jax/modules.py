@@ -1,0 +1,282 @@
+"""Flax (linen) modules of the Hyena layer, in the exact order of the HyenaDNA reference.
+
+Shapes: B batch, L sequence length, D = `d_model`, N = Hyena order, K = short filter width.
+Every module is pure: `init` creates parameters, `apply` reads them; nothing else is stored.
+Each block has a parallel `__call__` (training, prefill) and a one-position `step` that the
+generation engine drives, with the long convolutions replaced by their pending outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lcsm_jax import convolution
+from lcsm_jax.config import HyenaConfig
+
+Array = jax.Array
+DType = Any
+
+
+def positional_table(l_max: int, emb_dim: int) -> tuple[Array, Array]:
+  """The filter MLP's input features: time in [0, 1] and complex-exponential bands.
+
+  Returns:
+    z: `(l_max, emb_dim)` = [t, cos bands, -sin bands]; t: `(l_max, 1)` time grid in [0, 1].
+  """
+  t = jnp.linspace(0.0, 1.0, l_max)[:, None]
+  bands = (emb_dim - 1) // 2
+  w = 2 * math.pi * jnp.linspace(0.0, l_max - 1, l_max)[:, None] / l_max
+  f = jnp.linspace(1e-4, bands - 1, bands)[None, :]
+  z = jnp.concatenate([t, jnp.cos(f * w), -jnp.sin(f * w)], axis=-1)
+  return z, t
+
+
+class ImplicitFilter(nn.Module):
+  """Hyena's implicit long filter: an MLP with `Sin` activations over positional features,
+  multiplied by a per-channel exponential decay; plus the per-channel skip term `bias` (D).
+
+  The filter for length L is the first L rows of the table, so filters are prefix-consistent.
+  """
+
+  features: int
+  l_max: int
+  emb_dim: int = 5
+  width: int = 64
+  num_inner_mlps: int = 2
+  activation_freq: float = 10.0
+  modulate: bool = True
+  modulation_shift: float = 0.05
+  fast_decay_pct: float = 0.3
+  slow_decay_pct: float = 1.5
+  decay_target: float = 1e-2
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    self.z = self.param("z", lambda _: positional_table(self.l_max, self.emb_dim)[0])
+    self.t = self.param("t", lambda _: positional_table(self.l_max, self.emb_dim)[1])
+    # One frequency vector shared by every Sin activation, as in the reference.
+    self.freq = self.param("freq", nn.initializers.constant(self.activation_freq),
+                           (self.width,), self.param_dtype)
+    self.hidden = [nn.Dense(self.width, param_dtype=self.param_dtype, name=f"dense_{i}")
+                   for i in range(self.num_inner_mlps + 1)]
+    self.output = nn.Dense(self.features, use_bias=False, param_dtype=self.param_dtype,
+                           name="output")
+    max_decay = math.log(self.decay_target) / self.fast_decay_pct
+    min_decay = math.log(self.decay_target) / self.slow_decay_pct
+    self.deltas = self.param(
+        "deltas", lambda _: jnp.linspace(min_decay, max_decay, self.features, dtype=self.param_dtype))
+    self.bias = self.param("bias", nn.initializers.normal(1.0), (self.features,),
+                           self.param_dtype)
+
+  def __call__(self, length: int) -> Array:
+    """Filter taps `(length, features)` in float32 (float64 when the parameters are)."""
+    if length > self.l_max:
+      raise ValueError(f"filter length {length} exceeds the model's l_max = {self.l_max}.")
+    dtype = jnp.promote_types(self.freq.dtype, jnp.float32)
+    h = self.z[:length].astype(dtype)
+    freq = self.freq.astype(dtype)
+    for dense in self.hidden:
+      h = jnp.sin(freq * dense(h))
+    h = self.output(h)
+    if self.modulate:
+      decay = jnp.exp(-self.t[:length].astype(dtype) * jnp.abs(self.deltas.astype(dtype)))
+      h = h * (decay + self.modulation_shift)
+    return h
+
+  def skip(self) -> Array:
+    """The per-channel skip term `(features,)`: `y = h * u + bias * u`."""
+    return self.bias
+
+
+class ShortConv(nn.Module):
+  """Depthwise causal convolution of width K over time (the reference's `short_filter`)."""
+
+  features: int
+  width: int = 3
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, history: Array | None = None) -> tuple[Array, Array]:
+    """Convolves `x` (B, L, C), continuing from `history` (B, K - 1, C) (zeros if None).
+
+    Returns:
+      y: (B, L, C); new_history: (B, K - 1, C), the last K - 1 inputs.
+    """
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=1),
+                        (self.width, self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    batch, length, _ = x.shape
+    if history is None:
+      history = jnp.zeros((batch, self.width - 1, self.features), x.dtype)
+    seq = jnp.concatenate([history.astype(x.dtype), x], axis=1)  # (B, K - 1 + L, C)
+    kernel = kernel.astype(self.dtype)
+    y = bias.astype(self.dtype) + sum(
+        seq[:, k:k + length] * kernel[k] for k in range(self.width))
+    return y.astype(self.dtype), seq[:, seq.shape[1] - (self.width - 1):]
+
+
+def gated_convolutions(gates: Sequence[Array], v: Array,
+                       convolve: Callable[[int, Array], Array]) -> tuple[Array, list[Array]]:
+  """Hyena's recurrence: for o = 0..N-2, `v <- convolve(o, v * gates[N-1-o])`; then `v * gates[0]`.
+
+  Returns the output and the N - 1 convolution inputs (needed by the generation engine).
+  """
+  inputs = []
+  for o, gate in enumerate(reversed(gates[1:])):
+    a = v * gate
+    inputs.append(a)
+    v = convolve(o, a)
+  return v * gates[0], inputs
+
+
+class HyenaOperator(nn.Module):
+  """The Hyena mixer of order N: in-projection, short convolution, N - 1 gated long
+  convolutions with an implicit filter, out-projection."""
+
+  config: HyenaConfig
+  long_conv: str = "fft"
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    width = (cfg.order + 1) * cfg.d_model
+    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.in_proj = nn.Dense(width, **dense)
+    self.short_conv = ShortConv(width, cfg.short_filter_order, **dense)
+    self.filter = ImplicitFilter(
+        features=cfg.num_convolutions * cfg.d_model, l_max=cfg.l_max, emb_dim=cfg.emb_dim,
+        width=cfg.filter_order, num_inner_mlps=cfg.num_inner_mlps,
+        activation_freq=cfg.activation_freq, modulate=cfg.modulate,
+        modulation_shift=cfg.modulation_shift, fast_decay_pct=cfg.fast_decay_pct,
+        slow_decay_pct=cfg.slow_decay_pct, decay_target=cfg.decay_target,
+        param_dtype=self.param_dtype)
+    self.out_proj = nn.Dense(cfg.d_model, **dense)
+
+  def filters(self, length: int) -> tuple[Array, Array]:
+    """Long filters `(length, N - 1, D)` and skip terms `(N - 1, D)`, float32."""
+    cfg = self.config
+    h = self.filter(length).reshape(length, cfg.num_convolutions, cfg.d_model)
+    skip = self.filter.skip().reshape(cfg.num_convolutions, cfg.d_model)
+    return h, skip.astype(h.dtype)
+
+  def _split(self, z: Array) -> tuple[list[Array], Array]:
+    parts = jnp.split(z, self.config.order + 1, axis=-1)
+    return parts[:-1], parts[-1]
+
+  def __call__(self, u: Array) -> tuple[Array, "MixerCache"]:
+    """Parallel forward over `u` (B, L, D).
+
+    Returns:
+      y: (B, L, D); cache: the convolution inputs (N - 1, B, L, D) and the short-conv history.
+    """
+    length = u.shape[1]
+    if length > self.config.l_max:
+      raise ValueError(f"sequence length {length} exceeds the model's l_max = {self.config.l_max}.")
+    z, history = self.short_conv(self.in_proj(u))
+    gates, v = self._split(z)
+    h, skip = self.filters(length)
+    conv = convolution.long_convolution(self.long_conv)
+
+    def convolve(o, a):
+      y = conv(a, h[:, o]) + a.astype(h.dtype) * skip[o]
+      return y.astype(self.dtype)
+
+    y, inputs = gated_convolutions(gates, v, convolve)
+    return self.out_proj(y), MixerCache(jnp.stack(inputs), history)
+
+  def step(self, u: Array, pending: Array, history: Array, diagonal: Array
+           ) -> tuple[Array, Array, Array]:
+    """One position: `u` (B, D); `pending` (N - 1, B, D) = each long convolution's output at
+    this position from all earlier inputs; `history` (B, K - 1, (N+1) D); `diagonal`
+    (N - 1, D) = filter tap 0 plus the skip term.
+
+    Returns:
+      y (B, D); the convolution inputs at this position (N - 1, B, D); the new history.
+    """
+    z, history = self.short_conv(self.in_proj(u)[:, None], history)
+    gates, v = self._split(z[:, 0])
+
+    def convolve(o, a):
+      return (pending[o] + a.astype(diagonal.dtype) * diagonal[o]).astype(self.dtype)
+
+    y, inputs = gated_convolutions(gates, v, convolve)
+    return self.out_proj(y), jnp.stack(inputs), history
+
+
+class MixerCache(NamedTuple):
+  """What a parallel forward leaves for generation to continue from.
+
+  conv_inputs: (N - 1, B, L, D) inputs of every long convolution (per layer once stacked).
+  history: (B, K - 1, (N + 1) D) the last in-projection outputs, for the short convolution.
+  """
+  conv_inputs: Array
+  history: Array
+
+
+class Mlp(nn.Module):
+  """fc1 -> GELU (tanh approximation) -> fc2."""
+
+  features: int
+  hidden: int
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.Dense(self.hidden, name="fc1", **dense)(x)
+    x = jax.nn.gelu(x, approximate=True)
+    return nn.Dense(self.features, name="fc2", **dense)(x)
+
+
+class HyenaBlock(nn.Module):
+  """Pre-norm residual block: `x + mixer(norm1(x))`, then `x + mlp(norm2(x))`.
+
+  `__call__` has the `(carry, _) -> (carry, out)` form so that `nn.scan` stacks the blocks.
+  """
+
+  config: HyenaConfig
+  long_conv: str = "fft"
+  collect_cache: bool = False
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    norm = dict(epsilon=cfg.layer_norm_epsilon, use_fast_variance=False,
+                dtype=self.dtype, param_dtype=self.param_dtype)
+    self.norm1 = nn.LayerNorm(**norm)
+    self.mixer = HyenaOperator(cfg, self.long_conv, self.dtype, self.param_dtype)
+    self.norm2 = nn.LayerNorm(**norm)
+    self.mlp = Mlp(cfg.d_model, cfg.d_inner, self.dtype, self.param_dtype)
+
+  def _residual(self, x: Array) -> Array:
+    if self.config.residual_in_fp32:
+      return x.astype(jnp.promote_types(self.dtype, jnp.float32))
+    return x.astype(self.dtype)
+
+  def __call__(self, x: Array, _: Any = None) -> tuple[Array, MixerCache | None]:
+    """x: residual stream (B, L, D). Returns the new stream and, if collected, the cache."""
+    y, cache = self.mixer(self.norm1(x))
+    x = self._residual(x + y)
+    x = self._residual(x + self.mlp(self.norm2(x)))
+    return x, (cache if self.collect_cache else None)
+
+  def step(self, x: Array, pending: Array, history: Array, diagonal: Array
+           ) -> tuple[Array, Array, Array]:
+    """One position of the block; arguments as in `HyenaOperator.step`, `x` (B, D)."""
+    y, inputs, history = self.mixer.step(self.norm1(x), pending, history, diagonal)
+    x = self._residual(x + y)
+    x = self._residual(x + self.mlp(self.norm2(x)))
+    return x, inputs, history
+
+  def filters(self, length: int) -> tuple[Array, Array]:
+    """This block's long filters `(length, N - 1, D)` and skip terms `(N - 1, D)`."""
+    return self.mixer.filters(length)
