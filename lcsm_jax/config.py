@@ -92,51 +92,63 @@ class HyenaConfig:
 
   @classmethod
   def from_hyenadna_dict(cls, raw: Mapping[str, Any]) -> "HyenaConfig":
-    """Reads either the original (`layer` block) or the Hugging Face HyenaDNA format."""
+    """Reads either the original (`layer` block) or the Hugging Face HyenaDNA format.
+
+    Raises:
+      ValueError: naming the field that is missing or has a value of the wrong kind.
+    """
+    if not isinstance(raw, Mapping):
+      raise ValueError(f"a HyenaDNA config must be a JSON object (dict), got {type(raw).__name__}.")
     raw = dict(raw)
-    try:
-      if "layer" in raw:
-        layer = dict(raw["layer"])
-        name = layer.get("_name_", "hyena")
-        if name != "hyena":
-          raise ValueError(f"only Hyena mixers are supported, the config names {name!r}.")
-        if raw.get("attn_layer_idx"):
-          raise ValueError("configs with attention layers (attn_layer_idx) are not supported.")
-        fields = dict(
-            l_max=int(layer["l_max"]),
-            order=int(layer.get("order", 2)),
-            filter_order=int(layer.get("filter_order", 64)),
-            emb_dim=int(layer.get("emb_dim", 3)),
-            short_filter_order=int(layer.get("short_filter_order",
-                                             layer.get("local_order", 3))),
-            num_inner_mlps=int(layer.get("num_inner_mlps", 2)),
-            activation_freq=float(layer.get("w", 1.0)),
-            modulate=bool(layer.get("modulate", True)),
-        )
-      else:
-        fields = dict(
-            l_max=int(raw["max_seq_len"]),
-            order=int(raw.get("hyena_order", 2)),
-            filter_order=int(raw.get("filter_order", 64)),
-            emb_dim=int(raw.get("emb_dim", 3)),
-            short_filter_order=int(raw.get("short_filter_order", 3)),
-            num_inner_mlps=int(raw.get("num_inner_mlps", 2)),
-            activation_freq=float(raw.get("activation_freq", 1.0)),
-        )
-      d_model = int(raw["d_model"])
-      d_inner = raw.get("d_inner")
-      return cls(
-          vocab_size=int(raw["vocab_size"]),
-          d_model=d_model,
-          n_layer=int(raw["n_layer"]),
-          d_inner=int(d_inner) if d_inner is not None else 4 * d_model,
-          layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
-          pad_vocab_size_multiple=int(raw.get("pad_vocab_size_multiple", 1)),
-          residual_in_fp32=bool(raw.get("residual_in_fp32", True)),
-          **fields,
+    if "layer" in raw:
+      layer = raw["layer"]
+      if not isinstance(layer, Mapping):
+        raise ValueError(f"HyenaDNA config field 'layer' must be an object, got {layer!r}.")
+      layer = dict(layer)
+      name = layer.get("_name_", "hyena")
+      if name != "hyena":
+        raise ValueError(f"only Hyena mixers are supported, the config names {name!r}.")
+      if raw.get("attn_layer_idx"):
+        raise ValueError("configs with attention layers (attn_layer_idx) are not supported.")
+      fields = dict(
+          l_max=_int_field(layer, "l_max", where="layer."),
+          order=_int_field(layer, "order", 2, where="layer."),
+          filter_order=_int_field(layer, "filter_order", 64, where="layer."),
+          emb_dim=_int_field(layer, "emb_dim", 3, where="layer."),
+          short_filter_order=_int_field(
+              layer, "short_filter_order" if "short_filter_order" in layer else "local_order", 3,
+              where="layer."),
+          num_inner_mlps=_int_field(layer, "num_inner_mlps", 2, where="layer."),
+          activation_freq=_float_field(layer, "w", 1.0, where="layer."),
+          modulate=_bool_field(layer, "modulate", True, where="layer."),
+          # Keyword arguments of the reference's ExponentialModulation, where present.
+          modulation_shift=_float_field(layer, "shift", 0.05, where="layer."),
+          fast_decay_pct=_float_field(layer, "fast_decay_pct", 0.3, where="layer."),
+          slow_decay_pct=_float_field(layer, "slow_decay_pct", 1.5, where="layer."),
+          decay_target=_float_field(layer, "target", 1e-2, where="layer."),
       )
-    except KeyError as e:
-      raise ValueError(f"HyenaDNA config is missing the field {e.args[0]!r}.") from None
+    else:
+      fields = dict(
+          l_max=_int_field(raw, "max_seq_len"),
+          order=_int_field(raw, "hyena_order", 2),
+          filter_order=_int_field(raw, "filter_order", 64),
+          emb_dim=_int_field(raw, "emb_dim", 3),
+          short_filter_order=_int_field(raw, "short_filter_order", 3),
+          num_inner_mlps=_int_field(raw, "num_inner_mlps", 2),
+          activation_freq=_float_field(raw, "activation_freq", 1.0),
+      )
+    d_model = _int_field(raw, "d_model")
+    d_inner = _int_field(raw, "d_inner", None)
+    return cls(
+        vocab_size=_int_field(raw, "vocab_size"),
+        d_model=d_model,
+        n_layer=_int_field(raw, "n_layer"),
+        d_inner=d_inner if d_inner is not None else 4 * d_model,
+        layer_norm_epsilon=_float_field(raw, "layer_norm_epsilon", 1e-5),
+        pad_vocab_size_multiple=_int_field(raw, "pad_vocab_size_multiple", 1),
+        residual_in_fp32=_bool_field(raw, "residual_in_fp32", True),
+        **fields,
+    )
 
   def to_hyenadna_dict(self) -> dict[str, Any]:
     """The original HyenaDNA `config.json` layout (the one `from_hyenadna_dict` reads)."""
@@ -158,19 +170,66 @@ class HyenaConfig:
             "modulate": self.modulate,
             "w": self.activation_freq,
             "order": self.order,
+            "shift": self.modulation_shift,
+            "fast_decay_pct": self.fast_decay_pct,
+            "slow_decay_pct": self.slow_decay_pct,
+            "target": self.decay_target,
         },
     }
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike[str]) -> "HyenaConfig":
-    with open(path) as f:
-      try:
+    """Reads a HyenaDNA `config.json`; `ValueError` names the file and what is wrong with it."""
+    try:
+      with open(path, encoding="utf-8") as f:
         raw = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path}: not valid JSON ({e}).") from None
+    except IsADirectoryError:
+      raise ValueError(f"{path}: is a directory, not a config.json file.") from None
     if not isinstance(raw, dict):
-      raise ValueError(f"{path}: a HyenaDNA config must be a JSON object.")
-    return cls.from_hyenadna_dict(raw)
+      raise ValueError(f"{path}: a HyenaDNA config must be a JSON object, got "
+                       f"{type(raw).__name__}.")
+    try:
+      return cls.from_hyenadna_dict(raw)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
+
+
+_REQUIRED = object()
+
+
+def _field(raw: Mapping[str, Any], key: str, default: Any, where: str) -> Any:
+  if key in raw and raw[key] is not None:
+    return raw[key]
+  if default is _REQUIRED:
+    raise ValueError(f"HyenaDNA config is missing the field {where + key!r}.")
+  return default
+
+
+def _int_field(raw: Mapping[str, Any], key: str, default: Any = _REQUIRED, where: str = "") -> Any:
+  value = _field(raw, key, default, where)
+  if value is default:
+    return value
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f"HyenaDNA config field {where + key!r} must be an integer, got {value!r}.")
+  return value
+
+
+def _float_field(raw: Mapping[str, Any], key: str, default: Any = _REQUIRED, where: str = "") -> Any:
+  value = _field(raw, key, default, where)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"HyenaDNA config field {where + key!r} must be a number, got {value!r}.")
+  return float(value)
+
+
+def _bool_field(raw: Mapping[str, Any], key: str, default: Any = _REQUIRED, where: str = "") -> Any:
+  value = _field(raw, key, default, where)
+  if not isinstance(value, bool):
+    raise ValueError(f"HyenaDNA config field {where + key!r} must be true or false, got {value!r}.")
+  return value
 
 
 # Published HyenaDNA sizes (LongSafari/hyenadna-*-seqlen on the Hugging Face hub).

@@ -46,8 +46,8 @@ def causal_conv_fft(u: jax.Array, h: jax.Array) -> jax.Array:
   Returns:
     `(..., L, C)` in the compute dtype (float32, or float64 for float64 inputs).
   """
-  length = u.shape[-2]
   _check_filter(u, h)
+  length = u.shape[-2]
   dtype = _compute_dtype(jnp.result_type(u.dtype, h.dtype))
   n = fft_length(2 * length)
   u_f = jnp.fft.rfft(u.astype(dtype), n=n, axis=-2)
@@ -57,8 +57,8 @@ def causal_conv_fft(u: jax.Array, h: jax.Array) -> jax.Array:
 
 def causal_conv_direct(u: jax.Array, h: jax.Array) -> jax.Array:
   """The same convolution as `causal_conv_fft`, by the O(L^2) sum over lags (test reference)."""
-  length = u.shape[-2]
   _check_filter(u, h)
+  length = u.shape[-2]
   dtype = _compute_dtype(jnp.result_type(u.dtype, h.dtype))
   u = u.astype(dtype)
   h = h[:length].astype(dtype)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lcsm_jax import validation
 from lcsm_jax.config import HyenaConfig
 from lcsm_jax.modules import HyenaBlock, MixerCache
 
@@ -86,3 +87,49 @@ class HyenaLM(nn.Module):
     h = self.ln_f(x)
     logits = self.embedder.attend(h)
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+
+def _native_dtypes(config: HyenaConfig, dtype: DType) -> dict[str, Any]:
+  """Each parameter's dtype in `HyenaLM(config, param_dtype=dtype)`: `dtype`, except the
+  filters' positional tables (`z`, `t`), which the module keeps in float32."""
+  shapes = jax.eval_shape(
+      lambda: HyenaLM(config, param_dtype=dtype).init(jax.random.key(0),
+                                                      jnp.zeros((1, 1), jnp.int32)))
+  return shapes["params"]
+
+
+def cast_params(config: HyenaConfig, params: dict[str, Any], dtype: DType) -> dict[str, Any]:
+  """`{'params': ...}` cast to the dtypes of `HyenaLM(config, param_dtype=dtype)`.
+
+  Every parameter becomes `dtype` except the filters' positional tables `z` and `t`, which
+  stay float32 (at least) as the modules create them: in bfloat16 the time grid `t` would
+  repeat values every few positions.
+  """
+  dtype = validation.check_dtype(dtype)
+  validation.check_params_match(config, params)
+  native = _native_dtypes(config, dtype)
+  return {"params": jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype),
+                                 params["params"], native)}
+
+
+def init_params(config: HyenaConfig, key: Array, *, dtype: DType = jnp.float32
+                ) -> dict[str, Any]:
+  """Randomly initialised parameters `{'params': ...}` for `HyenaLM(config)`.
+
+  The values are drawn by the modules' own initialisers (`HyenaLM(config).init`, in float32, so
+  every dtype gets the same values up to rounding) and then cast to `dtype` as in
+  `cast_params` (positional tables stay float32). The implicit filters are non-trivial from
+  the start (a Sin-MLP over the positional table, times the decay window), so random models
+  are meaningful for benchmarks and tests.
+
+  Args:
+    config: the architecture.
+    key: a JAX PRNG key (`jax.random.key` or `jax.random.PRNGKey`).
+    dtype: parameter dtype: float32 (default), bfloat16, or float64 under `jax_enable_x64`.
+  """
+  validation.check_config(config)
+  dtype = validation.check_dtype(dtype)
+  native = _native_dtypes(config, dtype)
+  variables = jax.jit(HyenaLM(config).init)(key, jnp.zeros((1, 1), jnp.int32))
+  return {"params": jax.tree.map(lambda x, s: x.astype(s.dtype), variables["params"], native)}

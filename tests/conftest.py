@@ -3,6 +3,7 @@
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -31,3 +32,11 @@ def fixture_dir():
 def fixture_reference(fixture_dir):
   with np.load(fixture_dir / "reference.npz") as data:
     return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(autouse=True)
+def _no_x64_leak():
+  """Tests that need float64 enable it in a `jax.enable_x64(True)` block; it must not leak."""
+  assert not jax.config.jax_enable_x64, "jax_enable_x64 was left on by an earlier test"
+  yield
+  assert not jax.config.jax_enable_x64, "this test left jax_enable_x64 on"

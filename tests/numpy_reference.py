@@ -49,10 +49,15 @@ def _implicit_filter(state, prefix, length, num_inner_mlps, modulate=True, shift
 
 
 def hyenadna_logits(state, cfg, input_ids, num_inner_mlps=2):
-  """Logits (B, L, padded_vocab) of the HyenaDNA reference architecture, float64."""
+  """Logits (B, L, padded_vocab) of the HyenaDNA reference architecture, float64.
+
+  `cfg` holds d_model, n_layer, eps and optionally order (2), short_filter_order (3),
+  num_inner_mlps (the argument's value), modulate (True) and shift (0.05).
+  """
   state = {k: np.asarray(v, np.float64) for k, v in state.items()}
   d, order = cfg["d_model"], cfg.get("order", 2)
   width = cfg.get("short_filter_order", 3)
+  num_inner_mlps = cfg.get("num_inner_mlps", num_inner_mlps)
   emb = state["backbone.embeddings.word_embeddings.weight"]
   residual = emb[np.asarray(input_ids)]
   length = residual.shape[1]
@@ -66,7 +71,8 @@ def hyenadna_logits(state, cfg, input_ids, num_inner_mlps=2):
         padded[:, k:k + length] * kernel[:, k] for k in range(width))
     parts = [zc[..., i * d:(i + 1) * d] for i in range(order + 1)]
     gates, v = parts[:-1], parts[-1]
-    h = _implicit_filter(state, f"{p}.mixer.filter_fn", length, num_inner_mlps)
+    h = _implicit_filter(state, f"{p}.mixer.filter_fn", length, num_inner_mlps,
+                         modulate=cfg.get("modulate", True), shift=cfg.get("shift", 0.05))
     bias = state[f"{p}.mixer.filter_fn.bias"]
     for o, gate in enumerate(reversed(gates[1:])):
       a = v * gate

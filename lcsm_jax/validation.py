@@ -1,0 +1,123 @@
+"""Checks of user inputs with clear errors, shared by the public entry points.
+
+Every function either returns a normalised value or raises `TypeError` (wrong kind of value)
+or `ValueError` (right kind, wrong value) with a message that names the argument, what was
+expected and what was given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcsm_jax import checkpoint
+from lcsm_jax.config import HyenaConfig
+
+# Parameter / activation dtypes the model supports (float64 only under jax_enable_x64).
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float64")
+
+
+def check_config(config: Any, name: str = "config") -> HyenaConfig:
+  """`config` must be a `HyenaConfig`."""
+  if not isinstance(config, HyenaConfig):
+    raise TypeError(f"{name} must be a lcsm_jax HyenaConfig, got {type(config).__name__}.")
+  return config
+
+
+def check_token_ids(ids: Any, config: HyenaConfig, *, name: str = "input_ids",
+                    allow_empty: bool = False, max_length: int | None = None) -> np.ndarray:
+  """Checks a batch of token ids and returns it as a C-contiguous int32 NumPy array.
+
+  Args:
+    ids: `(batch, length)` integer ids: a NumPy or JAX array, or nested lists.
+    config: the model's configuration (its `vocab_size` and `l_max`).
+    name: the argument's name, used in the messages.
+    allow_empty: accept `length == 0`.
+    max_length: the longest accepted length instead of `config.l_max` (for instance l_max
+      minus the positions still to be generated).
+
+  Raises:
+    TypeError: `ids` is not an array of integers (floats and bools are refused), or is traced.
+    ValueError: wrong rank, empty, too long, or an id outside `[0, vocab_size)`.
+  """
+  check_config(config)
+  if ids is None:
+    raise TypeError(f"{name} must be a (batch, length) array of token ids, got None.")
+  if isinstance(ids, jax.core.Tracer):
+    raise TypeError(f"{name} must be a concrete array, got a traced value (inside jit/vmap); "
+                    "call this function outside of JAX transformations.")
+  from_sequence = not isinstance(ids, (np.ndarray, np.generic, jax.Array))
+  try:
+    arr = np.asarray(jax.device_get(ids))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{name} must be a rectangular (batch, length) array of token ids; it "
+                     f"could not be read as one ({e}).") from None
+  if from_sequence and arr.size == 0 and arr.dtype == np.float64:
+    arr = arr.astype(np.int32)  # `[[]]` has no element to give NumPy an integer dtype
+  if arr.ndim != 2:
+    raise ValueError(f"{name} must be 2-D (batch, length), got shape {arr.shape}"
+                     + (" (add a batch axis: ids[None])" if arr.ndim == 1 else "") + ".")
+  if arr.dtype == np.bool_:
+    raise TypeError(f"{name} must hold integer token ids, got booleans.")
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}"
+                    + (" (cast with .astype(np.int32) if the values are whole numbers)"
+                       if jnp.issubdtype(arr.dtype, jnp.floating) else "") + ".")
+  batch, length = arr.shape
+  if batch == 0:
+    raise ValueError(f"{name} has batch size 0; it needs at least one row.")
+  if length == 0 and not allow_empty:
+    raise ValueError(f"{name} is empty (length 0); it needs at least one token.")
+  if max_length is not None:
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) \
+        or max_length < 0:
+      raise ValueError(f"max_length must be a non-negative integer, got {max_length!r}.")
+    if length > max_length:
+      raise ValueError(f"{name} has length {length}, more than the allowed maximum "
+                       f"max_length = {int(max_length)} (the model's l_max is {config.l_max}).")
+  elif length > config.l_max:
+    raise ValueError(f"{name} has length {length}, more than the model's maximum length "
+                     f"l_max = {config.l_max}.")
+  bad = (arr < 0) | (arr >= config.vocab_size)
+  if bad.any():
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    count = int(bad.sum())
+    raise ValueError(
+        f"{name}[{row}, {col}] = {arr[row, col]} is outside the vocabulary [0, "
+        f"{config.vocab_size})" + (f" ({count} ids are out of range)" if count > 1 else "") + ".")
+  return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+  """A supported floating dtype: float32, bfloat16, or float64 when `jax_enable_x64` is on.
+
+  Accepts anything `jnp.dtype` understands (`jnp.float32`, `'bfloat16'`, `np.dtype(...)`) and
+  returns the canonical `np.dtype`.
+  """
+  if dtype is None:
+    raise TypeError(f"{name} must be one of float32, bfloat16 (or float64 with x64), got None.")
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"{name}: {dtype!r} is not a dtype; use jnp.float32 or jnp.bfloat16.") from None
+  if resolved.name not in SUPPORTED_DTYPES:
+    raise ValueError(f"{name} {resolved.name} is not supported; use float32 or bfloat16 "
+                     "(or float64 with jax_enable_x64).")
+  if resolved == np.float64 and not jax.config.jax_enable_x64:
+    raise ValueError(f"{name} float64 needs 64-bit JAX: enable it with "
+                     "jax.config.update('jax_enable_x64', True) or `with jax.enable_x64(True):`, "
+                     "or use float32.")
+  return resolved
+
+
+def check_params_match(config: HyenaConfig, params: Any) -> None:
+  """`params` must be `{'params': ...}` for `HyenaLM(config)`: every path and shape is checked
+  by `checkpoint.check_params`, which raises `CheckpointError` (a `ValueError`) naming each
+  missing, unexpected or mis-shaped parameter."""
+  check_config(config)
+  if not isinstance(params, dict) and not hasattr(params, "keys"):
+    raise TypeError(f"params must be a dict {{'params': ...}}, got {type(params).__name__}.")
+  checkpoint.check_params(config, params)
