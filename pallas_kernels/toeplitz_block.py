@@ -17,10 +17,17 @@ and writes an output tile (Tj, Dt):
 
   acc = 0;  for k in 0..U-1:  acc += inputs[k, :] * taps[U + j0 - k : U + j0 - k + Tj, :]
 
-i.e. U row-broadcast multiply-adds of a (Tj, Dt) slab read with `ref[pl.ds(start, Tj)]`,
-accumulated in float32 (bfloat16 operands are upcast after the load). When one output tile covers
-the block (Tj = U <= 64, the default on TPU) the k loop is unrolled in Python and every slice
-offset is a constant; otherwise it is a `fori_loop` with dynamic offsets.
+i.e. U row-broadcast multiply-adds of a (Tj, Dt) slab of taps, accumulated in float32 (bfloat16
+operands are upcast after the load). Kernel bodies (`BODIES`), chosen per backend:
+  * "static": one output tile (Tj = U <= 64; the default on TPU and Triton for such U): the
+    k loop unrolled in Python, every slice offset a compile-time constant;
+  * "aligned" (TPU, larger U): k = g*k1 + k2; per k1 one window of Tj + g taps rows is loaded at
+    an offset that is a multiple of g (8 rows for float32, 16 for packed bfloat16), and the g
+    shifted slabs are static slices of the loaded float32 value, so Mosaic never sees a dynamic
+    unaligned sublane offset;
+  * "dynamic" (Triton, larger U): `taps_ref[pl.ds(U + j0 - k, Tj)]` per k in a `fori_loop`
+    (pointer offsets are free on GPU, and Triton cannot slice register tensors);
+  * "rows" (Mosaic GPU): one output row at a time (see below).
 
 Backends (`interpret=None`: interpreted on CPU, compiled elsewhere, chosen when lowering):
   * TPU (Mosaic): channel tiles of 128, 256 or 512 lanes, output-time tiles of <= 64 rows;
@@ -46,8 +53,8 @@ from pallas_kernels.toeplitz_block_reference import check_block_shapes
 Array = jax.Array
 
 _TPU_CHANNEL_TILES = (512, 256, 128)
-_UNROLL = 8       # partial unrolling of the k loop (not on Triton, whose loops reject it)
 _STATIC_MAX = 64  # up to this U (with one output-time tile) the k loop is unrolled statically
+BODIES = ("static", "aligned", "dynamic", "rows")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -71,21 +78,49 @@ def _default_tiles(target: str, size: int, channels: int) -> tuple[int, int]:
   return channel_tile, min(size, 64)
 
 
-def _slab_kernel(x_ref, w_ref, *refs, unroll: int):
-  """x_ref (U, Dt), w_ref (2U, Dt), o_ref (Tj, Dt); refs = ([aliased poison input,] o_ref)."""
+def _static_kernel(x_ref, w_ref, *refs):
+  """One output tile (Tj = U): x_ref (U, Dt), w_ref (2U, Dt), o_ref (U, Dt); the k loop unrolled
+  in Python, so every slice offset is a compile-time constant. refs = ([poison,] o_ref)."""
+  o_ref = refs[-1]
+  size = x_ref.shape[0]
+  acc = jnp.zeros(o_ref.shape, jnp.float32)
+  for k in range(size):
+    row = x_ref[pl.ds(k, 1), :].astype(jnp.float32)               # (1, Dt)
+    window = w_ref[pl.ds(size - k, size), :].astype(jnp.float32)  # (U, Dt)
+    acc = acc + row * window
+  o_ref[...] = acc
+
+
+def _aligned_kernel(x_ref, w_ref, *refs, group: int):
+  """Output tile j of Tj rows, k split as group * k1 + k2 (TPU form).
+
+  Per k1 one window of taps starting at the multiple of `group` U + j0 - group * (k1 + 1) is
+  loaded (an aligned dynamic offset), upcast, and the `group` shifted slabs are static slices of
+  that value: no dynamic unaligned sublane offset, and no slicing of packed bfloat16 data.
+  """
   o_ref = refs[-1]
   size = x_ref.shape[0]
   tile = o_ref.shape[0]
+  j0 = pl.program_id(3) * tile
+
+  def step(k1, acc):
+    base = pl.multiple_of(size + j0 - group * (k1 + 1), group)
+    window = w_ref[pl.ds(base, tile + group), :].astype(jnp.float32)   # (Tj + g, Dt)
+    rows = x_ref[pl.ds(pl.multiple_of(group * k1, group), group), :].astype(jnp.float32)
+    for k2 in range(group):  # taps[U + j0 - k + jj] = window[group - k2 + jj]
+      acc = acc + rows[k2:k2 + 1] * window[group - k2:group - k2 + tile]
+    return acc
+
   acc = jnp.zeros(o_ref.shape, jnp.float32)
-  if tile == size and size <= _STATIC_MAX:
-    # One output tile: every slice offset is a compile-time constant (no dynamic sublane
-    # offsets for Mosaic to handle), the loop fully unrolled.
-    for k in range(size):
-      row = x_ref[pl.ds(k, 1), :].astype(jnp.float32)                 # (1, Dt)
-      window = w_ref[pl.ds(size - k, size), :].astype(jnp.float32)    # (U, Dt)
-      acc = acc + row * window
-    o_ref[...] = acc
-    return
+  o_ref[...] = jax.lax.fori_loop(0, size // group, step, acc)
+
+
+def _dynamic_kernel(x_ref, w_ref, *refs):
+  """Output tile j of Tj rows, one dynamic slab offset per k (Triton form: pointer offsets are
+  free there, and Triton cannot slice register tensors)."""
+  o_ref = refs[-1]
+  size = x_ref.shape[0]
+  tile = o_ref.shape[0]
   j0 = pl.program_id(3) * tile
 
   def term(k, acc):
@@ -93,7 +128,8 @@ def _slab_kernel(x_ref, w_ref, *refs, unroll: int):
     window = w_ref[pl.ds(size + j0 - k, tile), :].astype(jnp.float32)  # (Tj, Dt)
     return acc + row * window
 
-  o_ref[...] = jax.lax.fori_loop(0, size, term, acc, unroll=min(size, unroll))
+  acc = jnp.zeros(o_ref.shape, jnp.float32)
+  o_ref[...] = jax.lax.fori_loop(0, size, term, acc)
 
 
 def _rows_kernel(x_ref, w_ref, *refs, cast_layouts: bool):
@@ -119,6 +155,14 @@ def _rows_kernel(x_ref, w_ref, *refs, cast_layouts: bool):
   jax.lax.fori_loop(0, tile, row, 0)
 
 
+def _default_body(target: str, size: int, time_tile: int) -> str:
+  if target == "mosaic_gpu":
+    return "rows"
+  if time_tile == size and size <= _STATIC_MAX:
+    return "static"
+  return "dynamic" if target == "triton" else "aligned"
+
+
 def _compiler_params(target: str, grid_rank: int):
   if target == "tpu":
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
@@ -133,7 +177,7 @@ def _compiler_params(target: str, grid_rank: int):
 
 
 def _block_call(inputs: Array, taps: Array, poison: Array | None, *, target: str,
-                block_d: int | None, block_t: int | None, body: str) -> Array:
+                block_d: int | None, block_t: int | None, body: str | None) -> Array:
   """One pallas_call for `target` ("interpret", "tpu", "triton" or "mosaic_gpu")."""
   size, streams, batch, channels = inputs.shape
   channel_tile, time_tile = _default_tiles(target, size, channels)
@@ -159,12 +203,22 @@ def _block_call(inputs: Array, taps: Array, poison: Array | None, *, target: str
                         lambda s, c, b, j: (j, (s * batch + b) * n_tiles + c))
   out_shape = jax.ShapeDtypeStruct((size, streams * batch * padded), jnp.float32)
 
-  if body == "rows":
+  if body is None:
+    body = _default_body(target, size, time_tile)
+  if body == "static":
+    if time_tile != size:
+      raise ValueError("the static body needs one output-time tile (block_t >= U).")
+    kernel = _static_kernel
+  elif body == "aligned":
+    # Groups of one (f32) or one packed (bf16) sublane tile: 8 or 16 rows.
+    group = min(size, 8 * max(1, 4 // jnp.dtype(taps.dtype).itemsize))
+    kernel = functools.partial(_aligned_kernel, group=group)
+  elif body == "dynamic":
+    kernel = _dynamic_kernel
+  elif body == "rows":
     kernel = functools.partial(_rows_kernel, cast_layouts=(target == "mosaic_gpu"))
-  elif body == "slab":  # Triton's loop lowering rejects unrolled loops
-    kernel = functools.partial(_slab_kernel, unroll=1 if target == "triton" else _UNROLL)
   else:
-    raise ValueError(f"unknown kernel body {body!r}")
+    raise ValueError(f"unknown kernel body {body!r}; choose one of {BODIES}.")
 
   args, in_specs, aliases = [x2, w2], [x_spec, w_spec], {}
   if poison is not None:  # start from a NaN-filled output buffer: unwritten elements stay NaN
@@ -202,8 +256,9 @@ def toeplitz_block(inputs: Array, taps: Array, *, interpret: bool | None = None,
     gpu_backend: "triton" (default) or "mosaic_gpu".
     poison_output: testing aid: the kernel writes into a NaN-filled buffer (aliased to its
       output) instead of a fresh one, so any output element it fails to write stays NaN.
-    _body: testing aid: "slab" or "rows" forces a kernel body (default: "rows" for Mosaic GPU,
-      "slab" elsewhere).
+    _body: testing aid: forces a kernel body, one of BODIES (default: "static" when one
+      output-time tile covers U <= 64, else "aligned" on TPU and in the interpreter, "dynamic"
+      on Triton; "rows" on Mosaic GPU).
 
   Returns:
     (U, S, B, D) float32: out[j] = sum_k inputs[k] * taps[U + j - k] per stream and channel.
@@ -215,11 +270,13 @@ def toeplitz_block(inputs: Array, taps: Array, *, interpret: bool | None = None,
     if value is not None and not _is_power_of_two(value):
       raise ValueError(f"{name} must be a power of two; got {value}.")
 
+  if _body is not None and _body not in BODIES:
+    raise ValueError(f"_body must be one of {BODIES}; got {_body!r}.")
+
   def build(target):
-    body = _body or ("rows" if target == "mosaic_gpu" else "slab")
     def run(x, w, *poison):
       return _block_call(x, w, poison[0] if poison else None, target=target,
-                         block_d=block_d, block_t=block_t, body=body)
+                         block_d=block_d, block_t=block_t, body=_body)
     return run
 
   args = (inputs, taps)

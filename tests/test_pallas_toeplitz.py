@@ -112,7 +112,8 @@ def _maybe_jit(fn, use_jit):
 
 @pytest.mark.parametrize("shape,dtype,use_jit", list(_cases()))
 def test_direct_kernel(shape, dtype, use_jit):
-  """toeplitz_block (one pallas_call, slab body) vs its reference and the NumPy direct sum."""
+  """toeplitz_block (one pallas_call, default body: "static" here) vs its reference and the
+  NumPy direct sum."""
   inputs, taps = random_block(0, *shape, dtype)
   block_d = 128 if shape[3] > 128 else None  # D = 130: two channel tiles
   run = _maybe_jit(functools.partial(toeplitz_block, interpret=INTERPRET, block_d=block_d,
@@ -124,17 +125,19 @@ def test_direct_kernel(shape, dtype, use_jit):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-@pytest.mark.parametrize("shape,dtype,use_jit", [
-    pytest.param((4, 2, 3, 5), jnp.float32, True, id="U4-f32-jit"),
-    pytest.param((16, 1, 2, 130), jnp.bfloat16, False, id="U16-bf16-eager"),
+@pytest.mark.parametrize("body", ["aligned", "dynamic", "rows"])
+@pytest.mark.parametrize("shape,dtype,use_jit,block_t", [
+    pytest.param((4, 2, 3, 5), jnp.float32, True, 2, id="U4-f32-jit-Tj2"),
+    pytest.param((16, 1, 2, 130), jnp.bfloat16, False, 4, id="U16-bf16-eager-Tj4"),
+    pytest.param((32, 1, 1, 3), jnp.float32, False, 8, id="U32-f32-eager-Tj8"),
 ])
-def test_direct_kernel_time_tiles(shape, dtype, use_jit):
-  """Output-time tiles smaller than U (grid axis 3) and the row body used for Mosaic GPU."""
+def test_direct_kernel_bodies(shape, dtype, use_jit, block_t, body):
+  """The loop bodies for output-time tiles smaller than U (grid axis 3): TPU's aligned groups
+  (g = 8 rows for f32, 16 for bf16, U for U < g), Triton's dynamic offsets, Mosaic GPU's rows."""
   inputs, taps = random_block(1, *shape, dtype)
-  for body in ("slab", "rows"):
-    run = _maybe_jit(functools.partial(toeplitz_block, interpret=INTERPRET, block_t=2,
-                                       block_d=128, poison_output=True, _body=body), use_jit)
-    assert_block_close(run(inputs, taps), inputs, taps)
+  run = _maybe_jit(functools.partial(toeplitz_block, interpret=INTERPRET, block_t=block_t,
+                                     block_d=128, poison_output=True, _body=body), use_jit)
+  assert_block_close(run(inputs, taps), inputs, taps)
 
 
 @pytest.mark.parametrize("shape,dtype,use_jit", list(_cases()))
@@ -239,7 +242,8 @@ def test_poisoning_detects_unwritten_output(monkeypatch):
   """Kernels that leave part of every output block unwritten produce NaNs the checks catch."""
   inputs, taps = random_block(6, 4, 1, 1, 130, jnp.float32)
   # The direct kernel writing only the first row of every output-time tile (block_t = 2).
-  monkeypatch.setattr(direct_lib, "_slab_kernel", _first_slice_only(direct_lib._slab_kernel, 0))
+  monkeypatch.setattr(direct_lib, "_aligned_kernel",
+                      _first_slice_only(direct_lib._aligned_kernel, 0))
   out = np.asarray(toeplitz_block(inputs, taps, interpret=INTERPRET, block_t=2, block_d=128,
                                   poison_output=True))
   assert np.isnan(out[1::2]).all() and not np.isnan(out[0::2]).any()
