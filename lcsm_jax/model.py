@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -89,7 +90,7 @@ class HyenaLM(nn.Module):
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
-
+@functools.lru_cache(maxsize=64)
 def _native_dtypes(config: HyenaConfig, dtype: DType) -> dict[str, Any]:
   """Each parameter's dtype in `HyenaLM(config, param_dtype=dtype)`: `dtype`, except the
   filters' positional tables (`z`, `t`), which the module keeps in float32."""
@@ -131,5 +132,25 @@ def init_params(config: HyenaConfig, key: Array, *, dtype: DType = jnp.float32
   validation.check_config(config)
   dtype = validation.check_dtype(dtype)
   native = _native_dtypes(config, dtype)
-  variables = jax.jit(HyenaLM(config).init)(key, jnp.zeros((1, 1), jnp.int32))
+  if isinstance(key, jax.core.Tracer) or isinstance(jnp.zeros(()), jax.core.Tracer):
+    variables = _init(config, key)  # under a JAX transformation (jit, eval_shape, vmap)
+  else:
+    variables = _jitted_init()(config, key)
   return {"params": jax.tree.map(lambda x, s: x.astype(s.dtype), variables["params"], native)}
+
+
+def _init(config: HyenaConfig, key: Array) -> dict[str, Any]:
+  return HyenaLM(config).init(key, jnp.zeros((1, 1), jnp.int32))
+
+
+@functools.cache
+def _jitted_init():
+  """`_init` jitted once per process (and compiled once per config and key type).
+
+  Initialisation runs once, but XLA:CPU takes seconds to optimise its many random-number
+  generators; unoptimised code (`xla_backend_optimization_level=0`) compiles ~3x faster. The
+  values then differ from an optimised or eager `init` in the last bit of some entries, which
+  no use of random parameters can depend on.
+  """
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  return jax.jit(_init, static_argnums=0, compiler_options=options)

@@ -96,7 +96,7 @@ def test_bfloat16_inputs_are_convolved_in_float32():
     assert _rel_err(got, want) <= 1e-5
 
 
-@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
 @hypothesis.given(
     batch_shape=st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple),
     length=st.integers(1, 24),
