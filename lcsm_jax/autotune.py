@@ -1,0 +1,86 @@
+"""Measuring, per machine, the largest block size for which the direct block beats the FFT block.
+
+`tau='auto'` uses `crossover(channels, max_size)`: read from a JSON cache when this backend,
+device and channel count were measured before, else measured now (a few seconds) and cached.
+The cache lives in `$LCSM_JAX_CACHE_DIR` (default `~/.cache/lcsm_jax`); set
+`LCSM_JAX_CROSSOVER=<int>` to skip measuring altogether.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from lcsm_jax import blocks as blocks_lib
+
+MAX_DIRECT_SIZE = 256  # above this the O(U^2) block never wins on any backend we know
+
+
+def cache_path() -> pathlib.Path:
+  root = os.environ.get("LCSM_JAX_CACHE_DIR", pathlib.Path.home() / ".cache" / "lcsm_jax")
+  return pathlib.Path(root) / "crossover.json"
+
+
+def _cache_key(channels: int) -> str:
+  device = jax.devices()[0]
+  bucket = 1 << max(channels - 1, 0).bit_length()  # channels rounded up to a power of two
+  return f"{jax.default_backend()}|{device.device_kind}|channels<={bucket}"
+
+
+def time_block(method: str, size: int, channels: int, repeats: int = 5) -> float:
+  """Median seconds of one block of `size` over `channels` channels (after one warm-up run)."""
+  config = blocks_lib.BlockConfig(((size, method),))
+  key_a, key_t = jax.random.split(jax.random.key(size))
+  inputs = jax.random.normal(key_a, (size, 1, 1, channels), jnp.float32)
+  taps = jax.random.normal(key_t, (2 * size, 1, channels), jnp.float32)
+  spectra = blocks_lib.spectra_for(taps, config)
+  run = jax.jit(lambda x, t, s: blocks_lib.apply_block(config, x, t, s, size))
+  run(inputs, taps, spectra).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(inputs, taps, spectra).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure_crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> dict:
+  """Times direct and FFT blocks for U = 1, 2, 4, ... and returns the table and the crossover
+  (the largest U below which direct was never slower than FFT)."""
+  table, crossover, size = {}, 0, 1
+  while size <= min(max_size, MAX_DIRECT_SIZE):
+    direct, fft = time_block("direct", size, channels), time_block("fft", size, channels)
+    table[size] = {"direct": direct, "fft": fft}
+    if direct > fft:
+      break
+    crossover = size
+    size *= 2
+  return {"crossover": crossover, "per_block_size": table, "channels": channels}
+
+
+def crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> int:
+  """The direct/FFT crossover for blocks over `channels` channels on this machine (cached)."""
+  forced = os.environ.get("LCSM_JAX_CROSSOVER")
+  if forced is not None:
+    return int(forced)
+  path, key = cache_path(), _cache_key(channels)
+  cache = {}
+  if path.exists():
+    try:
+      cache = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+      cache = {}
+  if key not in cache:
+    cache[key] = measure_crossover(channels)
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(cache, indent=2, sort_keys=True))
+    except OSError:
+      pass  # a read-only home still gets a measured (uncached) crossover
+  return int(cache[key]["crossover"])

@@ -1,0 +1,155 @@
+"""Block operations of the tiled schedule: the contribution of U consecutive inputs to the next
+outputs of every long convolution (a "middle product" with a U x U Toeplitz matrix).
+
+Layout (time-major, as the generation state stores it):
+  inputs: (U, S, B, D) activations a[i-U .. i-1] of S streams (layers x convolutions), B rows, D
+  taps:   (2U, S, D)   filter taps rho[0 .. 2U-1] (tap 0 is never used)
+  output: (V, S, B, D) with V <= U:  out[j] = sum_k inputs[k] * taps[U + j - k]
+
+Implementations ("tau"): `direct` (O(U^2) shift-and-add, fastest for small U), `fft` (one real
+FFT of size 2U with the filter's spectrum precomputed once per model), and `pallas` (the kernel
+in `pallas_kernels`). Each is written for one stream and `vmap`ped over the stream axis, so all
+layers' blocks run as one batched computation; `layer_parallel=False` loops over streams instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("direct", "fft", "pallas")
+
+
+UNROLLED_DIRECT_MAX = 64  # larger direct blocks loop over k instead of unrolling the sum
+
+
+def direct_block(inputs: Array, taps: Array, out_len: int) -> Array:
+  """One stream: inputs (U, B, D), taps (2U, D) -> (out_len, B, D), by U shifted products."""
+  size = inputs.shape[0]
+  if size > UNROLLED_DIRECT_MAX:
+    def add_term(k, out):
+      window = jax.lax.dynamic_slice_in_dim(taps, size - k, out_len, axis=0)
+      return out + inputs[k][None] * window[:, None, :]
+    zeros = jnp.zeros((out_len,) + inputs.shape[1:], jnp.float32)
+    return jax.lax.fori_loop(0, size, add_term, zeros)
+  out = None
+  for k in range(size):
+    term = inputs[k][None] * taps[size - k:size - k + out_len, None, :]
+    out = term if out is None else out + term
+  return out
+
+
+def filter_spectrum(taps: Array, size: int) -> Array:
+  """rfft of taps[0 .. 2U-1] along time for block size U: (2U, ..., D) -> (..., D, U + 1)."""
+  window = jnp.moveaxis(taps[:2 * size], 0, -1)
+  return jnp.fft.rfft(window.astype(jnp.float32), n=2 * size)
+
+
+def fft_block(inputs: Array, spectrum: Array, out_len: int) -> Array:
+  """One stream: inputs (U, B, D), spectrum (D, U + 1) of taps[0:2U] -> (out_len, B, D)."""
+  size = inputs.shape[0]
+  x = jnp.moveaxis(inputs.astype(jnp.float32), 0, -1)  # (B, D, U)
+  y = jnp.fft.irfft(jnp.fft.rfft(x, n=2 * size) * spectrum, n=2 * size)
+  return jnp.moveaxis(y[..., size:size + out_len], -1, 0)
+
+
+def pallas_block(inputs: Array, taps: Array, out_len: int) -> Array:
+  """All streams at once through the Pallas Toeplitz kernel: (U, S, B, D) -> (out_len, S, B, D)."""
+  from pallas_kernels import toeplitz_block  # optional dependency of the engine
+  return toeplitz_block(inputs, taps[:2 * inputs.shape[0]])[:out_len]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """How blocks are computed.
+
+  Attributes:
+    methods: implementation per block size, e.g. {1: 'direct', ..., 4096: 'fft'}.
+    layer_parallel: one batched call over all streams (True) or one call per stream (False).
+    precomputed_spectra: FFT blocks read filter spectra computed once per model (True) or
+      transform the filter slice inside every block (False; ablation only).
+  """
+
+  methods: tuple[tuple[int, str], ...]
+  layer_parallel: bool = True
+  precomputed_spectra: bool = True
+
+  def __post_init__(self):
+    for size, method in self.methods:
+      if method not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown block implementation {method!r} for size {size}; "
+                         f"choose one of {IMPLEMENTATIONS}.")
+
+  def method(self, size: int) -> str:
+    return dict(self.methods)[size]
+
+  def fft_sizes(self) -> list[int]:
+    return [size for size, method in self.methods if method == "fft"]
+
+
+def block_config(sizes: Sequence[int], tau: str | int | Mapping[int, str],
+                 *, crossover: Callable[[], int] | None = None,
+                 layer_parallel: bool = True, precomputed_spectra: bool = True) -> BlockConfig:
+  """Resolves the user's `tau` into an implementation per block size.
+
+  Args:
+    sizes: block sizes the plan uses.
+    tau: 'direct', 'fft', 'pallas', 'auto' (direct up to the measured crossover, FFT above),
+      an integer crossover (direct for U <= tau), or a mapping {U: method}.
+    crossover: returns the machine's measured crossover; called only for tau='auto'.
+  """
+  if isinstance(tau, Mapping):
+    missing = [s for s in sizes if s not in tau]
+    if missing:
+      raise ValueError(f"tau mapping has no implementation for block sizes {missing}.")
+    methods = {s: tau[s] for s in sizes}
+  elif isinstance(tau, str) and tau in IMPLEMENTATIONS:
+    methods = {s: tau for s in sizes}
+  elif tau == "auto" or (isinstance(tau, int) and not isinstance(tau, bool)):
+    if tau == "auto":
+      if crossover is None:
+        raise ValueError("tau='auto' needs a crossover source.")
+      tau = crossover()
+    if tau < 0:
+      raise ValueError(f"an integer tau is the largest direct block size, >= 0; got {tau}.")
+    methods = {s: "direct" if s <= tau else "fft" for s in sizes}
+  else:
+    raise ValueError(f"tau must be 'auto', 'direct', 'fft', 'pallas', an integer crossover or a "
+                     f"mapping {{block size: method}}; got {tau!r}.")
+  return BlockConfig(tuple(sorted(methods.items())), layer_parallel, precomputed_spectra)
+
+
+def spectra_for(taps: Array, config: BlockConfig) -> dict[int, Array]:
+  """Filter spectra {U: (S, D, U + 1)} for every FFT block size; taps (T, S, D)."""
+  if not config.precomputed_spectra:
+    return {}
+  return {size: filter_spectrum(taps, size) for size in config.fft_sizes()}
+
+
+def apply_block(config: BlockConfig, inputs: Array, taps: Array,
+                spectra: Mapping[int, Array], out_len: int) -> Array:
+  """The block contribution for all streams: inputs (U, S, B, D) -> (out_len, S, B, D) float32.
+
+  taps: (>= 2U, S, D) (only the first 2U are read); spectra: from `spectra_for`.
+  """
+  size = inputs.shape[0]
+  method = config.method(size)
+  if method == "pallas":
+    return pallas_block(inputs, taps, out_len).astype(jnp.float32)
+  if method == "direct":
+    window = taps[:2 * size]
+    one = lambda x, w: direct_block(x.astype(jnp.float32), w.astype(jnp.float32), out_len)
+  else:
+    window = spectra[size] if config.precomputed_spectra else filter_spectrum(taps, size)
+    one = lambda x, w: fft_block(x, w, out_len)
+  stream_axis_of_window = 1 if method == "direct" else 0
+  if config.layer_parallel:
+    return jax.vmap(one, in_axes=(1, stream_axis_of_window), out_axes=1)(inputs, window)
+  outs = [one(inputs[:, s], jnp.take(window, s, axis=stream_axis_of_window))
+          for s in range(inputs.shape[1])]
+  return jnp.stack(outs, axis=1)

@@ -1,0 +1,169 @@
+"""The generation engine, independent of the model: strategy selection, filter tables, and the
+token loops. Models plug in through the online-model interface of `online.py`; what is fed at
+each position and what is kept from each output are plug-ins too (`feed`, `emit`), so the same
+loop serves sampling, teacher forcing and the synthetic benchmark stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcsm_jax import blocks as blocks_lib
+from lcsm_jax import mixing
+from lcsm_jax import schedule
+
+Array = jax.Array
+Params = Any
+IO = Any
+Feed = Callable[[IO, Array], Array]            # (io, r) -> model input at online position r
+Emit = Callable[[IO, Array, Array], IO]        # (io, r, output) -> io
+
+STRATEGIES = ("flash", "lazy", "eager", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+  """Choices of the exact engine that do not change its results.
+
+  Attributes:
+    tau: flash block implementation: 'auto' (direct up to the crossover measured on this
+      machine, FFT above), 'direct', 'fft', 'pallas', an int crossover (direct for block sizes
+      <= tau) or a mapping {block size: method}.
+    layer_parallel: flash runs the blocks of all layers as one batched call (False: one call
+      per stream, for ablation).
+    precomputed_spectra: flash FFT blocks use filter spectra computed once per model (False:
+      transform the filter slice in every block, for ablation).
+    unroll_levels: flash unrolls full chunks of 2^unroll_levels steps in the compiled loop.
+    chunk: positions per inner iteration of the lazy and eager strategies.
+  """
+
+  tau: str | int | Mapping[int, str] = "auto"
+  layer_parallel: bool = True
+  precomputed_spectra: bool = True
+  unroll_levels: int = 2
+  chunk: int = 256
+
+  @classmethod
+  def create(cls, options: "EngineOptions | None" = None, **overrides) -> "EngineOptions":
+    """`options` with keyword overrides; unknown names raise a TypeError listing valid ones."""
+    options = options or cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+      raise TypeError(f"unknown engine option(s) {unknown}; EngineOptions has {names}.")
+    return dataclasses.replace(options, **overrides) if overrides else options
+
+
+def make_mixer(strategy: str, num_steps: int, channels: int, options: EngineOptions):
+  """The mixing strategy for `strategy` (None for 'recompute', which keeps no mixing state).
+
+  channels: S * B * D, the width of one block (used by tau='auto').
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
+  if strategy == "recompute":
+    return None
+  if strategy == "lazy":
+    return mixing.Lazy(options.chunk)
+  if strategy == "eager":
+    return mixing.Eager(options.chunk)
+  tau = options.tau
+  tau = tuple(sorted(tau.items())) if isinstance(tau, Mapping) else tau
+  blocks = _block_config(tuple(schedule.block_sizes(num_steps)), tau, channels,
+                         options.layer_parallel, options.precomputed_spectra)
+  return mixing.Flash(blocks, options.unroll_levels)
+
+
+@functools.lru_cache(maxsize=256)
+def _block_config(sizes, tau, channels, layer_parallel, precomputed_spectra):
+  from lcsm_jax import autotune  # measures only for tau='auto' when nothing is cached
+  tau = dict(tau) if isinstance(tau, tuple) else tau
+  return blocks_lib.block_config(
+      sizes, tau, crossover=lambda: autotune.crossover(channels, max(sizes, default=1)),
+      layer_parallel=layer_parallel, precomputed_spectra=precomputed_spectra)
+
+
+@functools.partial(jax.jit, static_argnames=("online", "mixer", "total"))
+def prepare_tables(params: Params, *, online, mixer, total: int):
+  """Filters of `total` taps, and the strategy's tables: computed once, outside the loop.
+
+  Returns:
+    (tables or None for 'recompute', diagonal (S, D)).
+  """
+  taps, diagonal = online.filters(params, total)
+  return (mixer.prepare(taps) if mixer is not None else None), diagonal
+
+
+def run_online(online, mixer, params: Params, tables, diagonal: Array, prefill, num_steps: int,
+               io: IO, feed: Feed, emit: Emit, batch: int) -> IO:
+  """The token loop of every strategy that keeps mixing state (all but 'recompute').
+
+  Args:
+    prefill: `online.prefill(params, prompt)` or None for an empty prompt.
+    num_steps: M online positions; step r feeds `feed(io, r)` at absolute position P + r and
+      hands the model's output to `emit(io, r, output)`.
+  """
+  if prefill is None:
+    prompt_inputs = jnp.zeros((0, online.num_streams, batch, online.width), jnp.float32)
+    carry = online.initial_carry(params, batch)
+  else:
+    _, prompt_inputs, carry = prefill
+  state = mixer.init(tables, prompt_inputs, num_steps)
+
+  def step(rest, pending, r):
+    carry, io = rest
+    carry, inputs, output = online.step(params, diagonal, carry, feed(io, r), pending)
+    return (carry, emit(io, r, output)), inputs
+
+  _, (_, io) = mixer.run(tables, step, (state, (carry, io)), num_steps)
+  return io
+
+
+def run_recompute(online, params: Params, inputs: Array, start: int, num_steps: int, io: IO,
+                  feed: Feed, emit: Emit) -> IO:
+  """'recompute': the parallel forward over the whole prefix for every position.
+
+  Args:
+    inputs: (B, T, ...) buffer holding the prompt in [0, start); step r writes `feed(io, r)` at
+      start + r. The prefix is padded up to a power-of-two bucket, so the cost follows the
+      prefix length as in the reference implementation.
+  """
+  total = inputs.shape[1]
+  buckets = sorted({min(1 << k, total) for k in range(total.bit_length() + 1)})
+
+  def forward(length):
+    def run(inputs, t):
+      outputs = online.forward(params, inputs[:, :length])
+      return lax.dynamic_index_in_dim(outputs, t, axis=1, keepdims=False)
+    return run
+
+  branches = [forward(length) for length in buckets]
+  bucket_ends = jnp.asarray(buckets, jnp.int32)
+
+  def body(r, carry):
+    inputs, io = carry
+    t = start + r
+    inputs = lax.dynamic_update_index_in_dim(inputs, feed(io, r), t, axis=1)
+    output = lax.switch(jnp.searchsorted(bucket_ends, t + 1), branches, inputs, t)
+    return inputs, emit(io, r, output)
+
+  _, io = lax.fori_loop(0, num_steps, body, (inputs, io))
+  return io
+
+
+def run(online, mixer, params: Params, tables, diagonal: Array, prompt: Array, prefill,
+        num_steps: int, io: IO, feed: Feed, emit: Emit) -> IO:
+  """Runs `num_steps` online positions after `prompt` (B, P, ...) with any strategy."""
+  batch, length = prompt.shape[:2]
+  if mixer is None:
+    buffer = jnp.zeros((batch, length + num_steps) + prompt.shape[2:], prompt.dtype)
+    buffer = lax.dynamic_update_slice_in_dim(buffer, prompt, 0, axis=1)
+    return run_recompute(online, params, buffer, length, num_steps, io, feed, emit)
+  return run_online(online, mixer, params, tables, diagonal, prefill, num_steps, io, feed, emit,
+                    batch)

@@ -1,0 +1,257 @@
+"""Exact online strategies for the long convolutions: what each keeps and how it computes the
+pending output `y[t] = sum_{s < t} a[s] * rho[t - s]` of every stream at every step.
+
+All strategies share one interface, so the generation loop does not know which one runs:
+
+  prepare(taps)                       -> tables (computed once per model, outside the loop)
+  init(tables, prompt_inputs, M)      -> state  (after the parallel prefill of the prompt)
+  pending(tables, state, r)           -> (S, B, D) contributions of all earlier positions
+  record(tables, state, r, a)         -> state  (a: (S, B, D) inputs at online position r)
+  run(tables, step, carry, M)         -> carry  (drives the token loop; flash adds its blocks)
+
+Shapes: S streams (layers x convolutions per layer), B batch rows, D channels, P prompt
+length, M online positions (absolute position of online position r is P + r), T = P + M.
+The diagonal term a[t] * rho[0] is not part of `pending`: the model step adds it, since a[t]
+is only known inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcsm_jax import blocks as blocks_lib
+from lcsm_jax import convolution
+from lcsm_jax import schedule
+
+Array = jax.Array
+Carry = Any
+# step(rest, pending, r) -> (rest, inputs): one position of the model, given its pending outputs.
+StepFn = Callable[[Carry, Array, Array], tuple[Carry, Array]]
+
+
+def prompt_contribution(prompt_inputs: Array, taps: Array, num_steps: int) -> Array:
+  """Contribution of the prompt's inputs to every online position, by one FFT per stream.
+
+  Args:
+    prompt_inputs: (P, S, B, D) long-convolution inputs of the prompt.
+    taps: (>= P + M, S, D) filters.
+    num_steps: M.
+  Returns:
+    (M, S, B, D): out[r] = sum_{s < P} prompt_inputs[s] * taps[P + r - s].
+  """
+  length, streams, batch, width = prompt_inputs.shape
+  if length == 0 or num_steps == 0:
+    return jnp.zeros((num_steps, streams, batch, width), jnp.float32)
+  total = length + num_steps
+  n = convolution.fft_length(total)
+  x = jnp.fft.rfft(jnp.moveaxis(prompt_inputs.astype(jnp.float32), 0, -1), n=n)  # (S, B, D, F)
+  h = jnp.fft.rfft(jnp.moveaxis(taps[:total].astype(jnp.float32), 0, -1), n=n)   # (S, D, F)
+  y = jnp.fft.irfft(x * h[:, None], n=n)[..., length:total]
+  return jnp.moveaxis(y, -1, 0)
+
+
+def _read_row(buffer: Array, r: Array) -> Array:
+  return lax.dynamic_index_in_dim(buffer, r, axis=0, keepdims=False)
+
+
+def _write_row(buffer: Array, r: Array, row: Array) -> Array:
+  return lax.dynamic_update_index_in_dim(buffer, row.astype(buffer.dtype), r, axis=0)
+
+
+def _add_rows(buffer: Array, start: Array, rows: Array) -> Array:
+  current = lax.dynamic_slice_in_dim(buffer, start, rows.shape[0], axis=0)
+  return lax.dynamic_update_slice_in_dim(buffer, current + rows.astype(buffer.dtype), start, axis=0)
+
+
+def _simple_loop(step: StepFn, pending, record, carry, num_steps: int):
+  """A plain token loop: carry = (state, rest)."""
+
+  def body(r, carry):
+    state, rest = carry
+    rest, inputs = step(rest, pending(state, r), r)
+    return record(state, r, inputs), rest
+
+  return lax.fori_loop(0, num_steps, body, carry)
+
+
+# -- flash ---------------------------------------------------------------------------------
+
+
+class FlashTables(NamedTuple):
+  taps: Array                # (T, S, D)
+  spectra: dict[int, Array]  # {U: (S, D, U + 1)} for the FFT block sizes
+
+
+class FlashState(NamedTuple):
+  inputs: Array   # (M, S, B, D) inputs at online positions
+  outputs: Array  # (schedule.output_rows, S, B, D) pending outputs at online positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Flash:
+  """The tiled O(L log^2 L) schedule (see `schedule.py`)."""
+
+  blocks: blocks_lib.BlockConfig
+  unroll_levels: int = 2
+  name: str = "flash"
+
+  def prepare(self, taps: Array) -> FlashTables:
+    return FlashTables(taps, blocks_lib.spectra_for(taps, self.blocks))
+
+  def init(self, tables: FlashTables, prompt_inputs: Array, num_steps: int) -> FlashState:
+    _, streams, batch, width = prompt_inputs.shape
+    rows = schedule.output_rows(schedule.FlashPlan(num_steps, self.unroll_levels))
+    contribution = prompt_contribution(prompt_inputs, tables.taps, num_steps)
+    outputs = jnp.zeros((rows, streams, batch, width), jnp.float32)
+    return FlashState(
+        jnp.zeros((num_steps, streams, batch, width), jnp.float32),
+        lax.dynamic_update_slice_in_dim(outputs, contribution, 0, axis=0))
+
+  def pending(self, tables, state: FlashState, r) -> Array:
+    return _read_row(state.outputs, r)
+
+  def record(self, tables, state: FlashState, r, inputs: Array) -> FlashState:
+    return state._replace(inputs=_write_row(state.inputs, r, inputs))
+
+  def block(self, tables: FlashTables, state: FlashState, level: int, end, out_len: int):
+    size = 1 << level
+    window = lax.dynamic_slice_in_dim(state.inputs, end - size, size, axis=0)
+    contribution = blocks_lib.apply_block(self.blocks, window, tables.taps, tables.spectra, out_len)
+    return state._replace(outputs=_add_rows(state.outputs, end, contribution))
+
+  def run(self, tables: FlashTables, step: StepFn, carry, num_steps: int):
+    flash = self
+
+    class Primitives:
+
+      def step(self, carry, r):
+        state, rest = carry
+        rest, inputs = step(rest, flash.pending(tables, state, r), r)
+        return flash.record(tables, state, r, inputs), rest
+
+      def block(self, carry, level, end, out_len):
+        state, rest = carry
+        return flash.block(tables, state, level, end, out_len), rest
+
+      def repeat(self, count, body, carry):
+        return lax.fori_loop(0, count, body, carry)
+
+      def run_if(self, pred, body, carry):
+        if isinstance(pred, bool):
+          return body(0, carry) if pred else carry
+        return lax.fori_loop(0, pred.astype(jnp.int32), body, carry)
+
+      def minimum(self, a, b):
+        return jnp.minimum(a, b)
+
+    plan = schedule.FlashPlan(num_steps, self.unroll_levels)
+    return schedule.execute(plan, Primitives(), carry)
+
+
+# -- lazy ----------------------------------------------------------------------------------
+
+
+class LazyTables(NamedTuple):
+  reversed_taps: Array  # (T + chunk, S, D): reversed_taps[m] = taps[T - 1 - m], zeros for m >= T
+
+
+class LazyState(NamedTuple):
+  history: Array  # (T rounded up to a multiple of the chunk, S, B, D), prompt first
+  offset: Array   # P, the absolute position of online position 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Lazy:
+  """Dot product over the stored history at every step: O(t) per step, reading only [0, t)
+  in chunks of `chunk` positions."""
+
+  chunk: int = 256
+  name: str = "lazy"
+
+  def prepare(self, taps: Array) -> LazyTables:
+    pad = jnp.zeros((self.chunk,) + taps.shape[1:], jnp.float32)
+    return LazyTables(jnp.concatenate([taps[::-1].astype(jnp.float32), pad]))
+
+  def init(self, tables: LazyTables, prompt_inputs: Array, num_steps: int) -> LazyState:
+    length, streams, batch, width = prompt_inputs.shape
+    padded = -(-(length + num_steps) // self.chunk) * self.chunk
+    history = jnp.zeros((padded, streams, batch, width), jnp.float32)
+    history = lax.dynamic_update_slice_in_dim(history, prompt_inputs.astype(jnp.float32), 0, 0)
+    return LazyState(history, jnp.asarray(length, jnp.int32))
+
+  def pending(self, tables: LazyTables, state: LazyState, r) -> Array:
+    total = tables.reversed_taps.shape[0] - self.chunk
+    t = state.offset + r
+
+    def add_chunk(c, acc):
+      start = c * self.chunk
+      a = lax.dynamic_slice_in_dim(state.history, start, self.chunk, axis=0)
+      rho = lax.dynamic_slice_in_dim(tables.reversed_taps, total - 1 - t + start, self.chunk, 0)
+      return acc + jnp.sum(a * rho[:, :, None, :], axis=0)
+
+    zeros = jnp.zeros(state.history.shape[1:], jnp.float32)
+    return lax.fori_loop(0, (t + self.chunk - 1) // self.chunk, add_chunk, zeros)
+
+  def record(self, tables, state: LazyState, r, inputs: Array) -> LazyState:
+    return state._replace(history=_write_row(state.history, state.offset + r, inputs))
+
+  def run(self, tables, step: StepFn, carry, num_steps: int):
+    return _simple_loop(step, lambda s, r: self.pending(tables, s, r),
+                        lambda s, r, a: self.record(tables, s, r, a), carry, num_steps)
+
+
+# -- eager ---------------------------------------------------------------------------------
+
+
+class EagerTables(NamedTuple):
+  taps: Array  # (T + chunk, S, D), zero-padded
+
+
+class EagerState(NamedTuple):
+  outputs: Array  # (M rounded up to a chunk, plus one chunk, S, B, D) pending outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Eager:
+  """Each new input pushes its contribution into every later output: O(M - r) per step, in
+  chunks of `chunk` positions."""
+
+  chunk: int = 256
+  name: str = "eager"
+
+  def prepare(self, taps: Array) -> EagerTables:
+    pad = jnp.zeros((self.chunk,) + taps.shape[1:], jnp.float32)
+    return EagerTables(jnp.concatenate([taps.astype(jnp.float32), pad]))
+
+  def init(self, tables: EagerTables, prompt_inputs: Array, num_steps: int) -> EagerState:
+    contribution = prompt_contribution(prompt_inputs, tables.taps, num_steps)
+    padded = (-(-num_steps // self.chunk) + 1) * self.chunk
+    outputs = jnp.zeros((padded,) + contribution.shape[1:], jnp.float32)
+    return EagerState(lax.dynamic_update_slice_in_dim(outputs, contribution, 0, 0))
+
+  def pending(self, tables, state: EagerState, r) -> Array:
+    return _read_row(state.outputs, r)
+
+  def record(self, tables: EagerTables, state: EagerState, r, inputs: Array,
+             num_steps: int) -> EagerState:
+    a = inputs.astype(jnp.float32)
+
+    def push_chunk(c, outputs):
+      start = c * self.chunk
+      rho = lax.dynamic_slice_in_dim(tables.taps, 1 + start, self.chunk, axis=0)
+      return _add_rows(outputs, r + 1 + start, a[None] * rho[:, :, None, :])
+
+    trips = (num_steps - 1 - r + self.chunk - 1) // self.chunk
+    return EagerState(lax.fori_loop(0, trips, push_chunk, state.outputs))
+
+  def run(self, tables, step: StepFn, carry, num_steps: int):
+    return _simple_loop(step, lambda s, r: self.pending(tables, s, r),
+                        lambda s, r, a: self.record(tables, s, r, a, num_steps), carry, num_steps)
+
+
+STRATEGIES = ("flash", "lazy", "eager")

@@ -1,0 +1,105 @@
+"""Models as the generation engine sees them: filters, a parallel prefill, and a one-position step.
+
+An online model exposes its long convolutions as S "streams" (layers x convolutions per layer)
+and leaves their mixing to a strategy in `mixing.py`:
+
+  filters(params, T)                 -> (taps (T, S, D), diagonal (S, D) = tap 0 + skip term)
+  forward(params, inputs (B, L, ...)) -> outputs (B, L, ...): the parallel forward
+  prefill(params, prompt)            -> (outputs (B, P, ...), prompt_inputs (P, S, B, D), carry)
+  initial_carry(params, batch)       -> carry for an empty prompt
+  step(params, diagonal, carry, x, pending (S, B, D)) -> (carry, inputs (S, B, D), output)
+
+`carry` holds the model's own per-position state (the short-convolution windows); everything
+that grows with the sequence lives in the strategy's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcsm_jax.config import HyenaConfig
+from lcsm_jax.model import HyenaLM
+from lcsm_jax.modules import HyenaBlock
+
+Array = jax.Array
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class HyenaOnline:
+  """The Hyena language model driven one token at a time.
+
+  Attributes:
+    config: the architecture.
+    unroll_layers: unroll the per-token loop over layers in the compiled step (faster on CPU
+      for a few layers) instead of a `lax.scan`.
+  """
+
+  config: HyenaConfig
+  unroll_layers: bool = True
+
+  @property
+  def num_streams(self) -> int:
+    return self.config.num_streams
+
+  @property
+  def width(self) -> int:
+    return self.config.d_model
+
+  def _blocks(self, params: Params) -> Params:
+    return params["params"]["stack"]["blocks"]
+
+  def filters(self, params: Params, length: int) -> tuple[Array, Array]:
+    cfg = self.config
+    block = HyenaBlock(cfg)
+    h, skip = jax.vmap(
+        lambda p: block.apply({"params": p}, length, method=HyenaBlock.filters)
+    )(self._blocks(params))  # (layers, T, N - 1, D), (layers, N - 1, D)
+    taps = jnp.swapaxes(h, 0, 1).reshape(length, cfg.num_streams, cfg.d_model)
+    diagonal = (h[:, 0] + skip).reshape(cfg.num_streams, cfg.d_model)
+    return taps.astype(jnp.float32), diagonal.astype(jnp.float32)
+
+  def forward(self, params: Params, tokens: Array) -> Array:
+    """tokens (B, L) -> logits (B, L, padded_vocab)."""
+    return HyenaLM(self.config).apply(params, tokens)
+
+  def prefill(self, params: Params, prompt: Array) -> tuple[Array, Array, Array]:
+    """prompt (B, P) -> logits (B, P, V), prompt inputs (P, S, B, D), short-conv windows."""
+    cfg = self.config
+    logits, cache = HyenaLM(cfg).apply(params, prompt, collect_cache=True)
+    inputs = cache.conv_inputs  # (layers, N - 1, B, P, D)
+    length = prompt.shape[1]
+    inputs = jnp.moveaxis(inputs, 3, 0).reshape(length, cfg.num_streams, prompt.shape[0],
+                                                 cfg.d_model)
+    return logits, inputs, cache.history
+
+  def initial_carry(self, params: Params, batch: int) -> Array:
+    cfg = self.config
+    return jnp.zeros((cfg.n_layer, batch, cfg.short_filter_order - 1,
+                      (cfg.order + 1) * cfg.d_model), jnp.float32)
+
+  def step(self, params: Params, diagonal: Array, carry: Array, token: Array, pending: Array
+           ) -> tuple[Array, Array, Array]:
+    """token (B,) -> (windows, inputs (S, B, D), logits (B, V))."""
+    cfg = self.config
+    model, block = HyenaLM(cfg), HyenaBlock(cfg)
+    x = model.apply(params, token, method=HyenaLM.embed)
+    per_layer = (cfg.n_layer, cfg.num_convolutions)
+    pending = pending.reshape(per_layer + pending.shape[1:])
+    diagonal = diagonal.reshape(per_layer + diagonal.shape[1:])
+
+    def layer(x, xs):
+      p, pend, window, diag = xs
+      x, inputs, window = block.apply({"params": p}, x, pend, window, diag,
+                                      method=HyenaBlock.step)
+      return x, (inputs, window)
+
+    x, (inputs, carry) = lax.scan(layer, x, (self._blocks(params), pending, carry, diagonal),
+                                  unroll=cfg.n_layer if self.unroll_layers else 1)
+    logits = model.apply(params, x, method=HyenaLM.head)
+    return carry, inputs.reshape((cfg.num_streams,) + inputs.shape[2:]), logits

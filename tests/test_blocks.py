@@ -1,0 +1,68 @@
+"""Block operations (direct, FFT, batched over streams or not) against a float64 middle product."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcsm_jax import blocks
+
+
+def middle_product(inputs, taps, out_len):
+  """float64 NumPy: out[j] = sum_k inputs[k] * taps[U + j - k], inputs (U, S, B, D)."""
+  inputs = np.asarray(inputs, np.float64)
+  taps = np.asarray(taps, np.float64)
+  size = inputs.shape[0]
+  out = np.zeros((out_len,) + inputs.shape[1:])
+  for j in range(out_len):
+    for k in range(size):
+      out[j] += inputs[k] * taps[size + j - k][:, None, :]
+  return out
+
+
+def _random_block(size, streams, batch, width, seed):
+  rng = np.random.default_rng(seed)
+  inputs = rng.standard_normal((size, streams, batch, width)).astype(np.float32)
+  taps = rng.standard_normal((2 * size + 3, streams, width)).astype(np.float32)
+  return inputs, taps
+
+
+@pytest.mark.parametrize("method", ["direct", "fft"])
+@pytest.mark.parametrize("layer_parallel", [True, False])
+@pytest.mark.parametrize("size,out_len", [(1, 1), (2, 2), (4, 3), (16, 16), (128, 77)])
+def test_block_matches_middle_product(method, layer_parallel, size, out_len):
+  inputs, taps = _random_block(size, streams=3, batch=2, width=5, seed=size)
+  config = blocks.BlockConfig(((size, method),), layer_parallel=layer_parallel)
+  spectra = blocks.spectra_for(jnp.asarray(taps), config)
+  out = jax.jit(lambda x, t, s: blocks.apply_block(config, x, t, s, out_len))(
+      inputs, taps, spectra)
+  chex.assert_shape(out, (out_len, 3, 2, 5))
+  np.testing.assert_allclose(out, middle_product(inputs, taps, out_len), rtol=2e-5,
+                             atol=2e-5 * np.sqrt(size))
+
+
+def test_fft_block_without_precomputed_spectra():
+  inputs, taps = _random_block(32, streams=2, batch=1, width=7, seed=0)
+  config = blocks.BlockConfig(((32, "fft"),), precomputed_spectra=False)
+  assert blocks.spectra_for(jnp.asarray(taps), config) == {}
+  out = blocks.apply_block(config, inputs, taps, {}, 32)
+  np.testing.assert_allclose(out, middle_product(inputs, taps, 32), rtol=2e-5, atol=1e-4)
+
+
+def test_block_config_resolves_tau():
+  sizes = [1, 2, 4, 8, 16]
+  assert blocks.block_config(sizes, "fft").methods == tuple((s, "fft") for s in sizes)
+  assert dict(blocks.block_config(sizes, 4).methods) == {
+      1: "direct", 2: "direct", 4: "direct", 8: "fft", 16: "fft"}
+  assert dict(blocks.block_config(sizes, "auto", crossover=lambda: 2).methods)[4] == "fft"
+  mapping = {1: "direct", 2: "fft", 4: "direct", 8: "fft", 16: "fft"}
+  assert dict(blocks.block_config(sizes, mapping).methods) == mapping
+
+
+@pytest.mark.parametrize("tau,match", [
+    ("fastest", "tau must be"), (-1, ">= 0"), ({1: "direct"}, "no implementation"),
+    ({1: "magic", 2: "fft", 4: "fft", 8: "fft", 16: "fft"}, "unknown block implementation")])
+def test_block_config_rejects_bad_tau(tau, match):
+  with pytest.raises(ValueError, match=match):
+    blocks.block_config([1, 2, 4, 8, 16], tau)

@@ -1,0 +1,70 @@
+"""Every strategy of the engine reproduces a direct float64 forward of the mixing-only stack."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcsm_jax import synthetic
+from lcsm_jax.convolution import causal_conv_numpy
+
+STRATEGIES = ["flash", "lazy", "eager", "recompute"]
+
+
+def numpy_forward(stack, params, x):
+  """float64 reference of the stack by the direct O(L^2) sum."""
+  x = np.asarray(x, np.float64)
+  taps = np.asarray(params["taps"], np.float64)
+  skip = np.asarray(params["skip"], np.float64)
+  for layer in range(stack.num_layers):
+    x = np.tanh(causal_conv_numpy(x, taps[layer]) + skip[layer] * x)
+  return x
+
+
+def check_rollout(stack, params, prompt, num_steps, outputs):
+  """Outputs of a feedback rollout must equal the forward over the inputs they imply."""
+  length = prompt.shape[1]
+  chex.assert_shape(outputs, (prompt.shape[0], length + num_steps, stack.width))
+  inputs = np.concatenate([np.asarray(prompt), np.asarray(outputs)[:, length - 1:-1]], axis=1)
+  np.testing.assert_allclose(outputs, numpy_forward(stack, params, inputs), atol=2e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("layers,width,batch,prompt_len,steps", [
+    (1, 8, 1, 1, 1),      # a single online step
+    (3, 5, 2, 7, 37),     # odd everything, not a power of two
+    (2, 16, 3, 1, 64),    # power of two, prompt of one
+])
+def test_rollout_matches_direct_forward(strategy, layers, width, batch, prompt_len, steps):
+  stack = synthetic.ConvStack(layers, width, prompt_len + steps)
+  params = stack.init(jax.random.key(layers * 100 + width))
+  prompt = jax.random.normal(jax.random.key(7), (batch, prompt_len, width))
+  outputs = synthetic.rollout(params, stack, prompt, steps, strategy=strategy, tau=4, chunk=16)
+  check_rollout(stack, params, prompt, steps, outputs)
+
+
+@pytest.mark.parametrize("options", [
+    dict(tau="direct"), dict(tau="fft"), dict(tau=2, unroll_levels=0),
+    dict(tau=2, unroll_levels=3), dict(tau=1, layer_parallel=False),
+    dict(tau=1, precomputed_spectra=False),
+])
+def test_flash_options_give_the_same_result(options):
+  stack = synthetic.ConvStack(2, 6, 100)
+  params = stack.init(jax.random.key(3))
+  prompt = jax.random.normal(jax.random.key(4), (2, 3, 6))
+  outputs = synthetic.rollout(params, stack, prompt, 97, strategy="flash", **options)
+  check_rollout(stack, params, prompt, 97, outputs)
+
+
+def test_rollout_rejects_bad_input():
+  stack = synthetic.ConvStack(1, 4, 10)
+  params = stack.init(jax.random.key(0))
+  with pytest.raises(ValueError, match="shape"):
+    synthetic.rollout(params, stack, jnp.zeros((1, 0, 4)), 3)
+  with pytest.raises(ValueError, match="exceeds"):
+    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 6)
+  with pytest.raises(ValueError, match="unknown strategy"):
+    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, strategy="fastest")
+  with pytest.raises(TypeError, match="unknown engine option"):
+    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, tua=3)
