@@ -29,17 +29,22 @@ UNROLLED_DIRECT_MAX = 64  # larger direct blocks loop over k instead of unrollin
 
 
 def direct_block(inputs: Array, taps: Array, out_len: int) -> Array:
-  """One stream: inputs (U, B, D), taps (2U, D) -> (out_len, B, D), by U shifted products."""
+  """Shift-and-add: inputs (U, *C), taps (2U, *C) broadcastable -> (out_len, *C) float32.
+
+  C is any trailing shape (one stream's (B, D), or all streams' (S, B, D) with taps (S, 1, D)).
+  """
   size = inputs.shape[0]
+  inputs, taps = inputs.astype(jnp.float32), taps.astype(jnp.float32)
   if size > UNROLLED_DIRECT_MAX:
     def add_term(k, out):
       window = jax.lax.dynamic_slice_in_dim(taps, size - k, out_len, axis=0)
-      return out + inputs[k][None] * window[:, None, :]
-    zeros = jnp.zeros((out_len,) + inputs.shape[1:], jnp.float32)
+      return out + jax.lax.dynamic_index_in_dim(inputs, k, 0, keepdims=True) * window
+    zeros = jnp.zeros((out_len,) + jnp.broadcast_shapes(inputs.shape[1:], taps.shape[1:]),
+                      jnp.float32)
     return jax.lax.fori_loop(0, size, add_term, zeros)
   out = None
   for k in range(size):
-    term = inputs[k][None] * taps[size - k:size - k + out_len, None, :]
+    term = inputs[k][None] * taps[size - k:size - k + out_len]
     out = term if out is None else out + term
   return out
 
@@ -51,9 +56,10 @@ def filter_spectrum(taps: Array, size: int) -> Array:
 
 
 def fft_block(inputs: Array, spectrum: Array, out_len: int) -> Array:
-  """One stream: inputs (U, B, D), spectrum (D, U + 1) of taps[0:2U] -> (out_len, B, D)."""
+  """Inputs (U, *C), spectrum (*C', U + 1) of taps[0:2U], C' broadcastable to C
+  -> (out_len, *C) float32, by one real FFT of size 2U."""
   size = inputs.shape[0]
-  x = jnp.moveaxis(inputs.astype(jnp.float32), 0, -1)  # (B, D, U)
+  x = jnp.moveaxis(inputs.astype(jnp.float32), 0, -1)  # (*C, U)
   y = jnp.fft.irfft(jnp.fft.rfft(x, n=2 * size) * spectrum, n=2 * size)
   return jnp.moveaxis(y[..., size:size + out_len], -1, 0)
 
@@ -136,20 +142,26 @@ def apply_block(config: BlockConfig, inputs: Array, taps: Array,
   """The block contribution for all streams: inputs (U, S, B, D) -> (out_len, S, B, D) float32.
 
   taps: (>= 2U, S, D) (only the first 2U are read); spectra: from `spectra_for`.
+  With `layer_parallel`, one call covers every stream (layers x convolutions), batch row and
+  channel: the per-stream computation vectorised over the stacked stream axis, as `vmap` over
+  streams would produce, but with the stream axis kept in place so that no transposes of the
+  state are made. Otherwise one call per stream (ablation).
   """
   size = inputs.shape[0]
   method = config.method(size)
   if method == "pallas":
     return pallas_block(inputs, taps, out_len).astype(jnp.float32)
   if method == "direct":
-    window = taps[:2 * size]
-    one = lambda x, w: direct_block(x.astype(jnp.float32), w.astype(jnp.float32), out_len)
+    window = taps[:2 * size, :, None, :]                                # (2U, S, 1, D)
+    one = lambda x, w: direct_block(x, w, out_len)
+    stream_axis = 1
   else:
-    window = spectra[size] if config.precomputed_spectra else filter_spectrum(taps, size)
+    spectrum = spectra[size] if config.precomputed_spectra else filter_spectrum(taps, size)
+    window = spectrum[:, None]                                         # (S, 1, D, U + 1)
     one = lambda x, w: fft_block(x, w, out_len)
-  stream_axis_of_window = 1 if method == "direct" else 0
+    stream_axis = 0
   if config.layer_parallel:
-    return jax.vmap(one, in_axes=(1, stream_axis_of_window), out_axes=1)(inputs, window)
-  outs = [one(inputs[:, s], jnp.take(window, s, axis=stream_axis_of_window))
+    return one(inputs, window)
+  outs = [one(inputs[:, s:s + 1], jax.lax.slice_in_dim(window, s, s + 1, axis=stream_axis))
           for s in range(inputs.shape[1])]
-  return jnp.stack(outs, axis=1)
+  return jnp.concatenate(outs, axis=1)

@@ -39,14 +39,12 @@ class EngineOptions:
       per stream, for ablation).
     precomputed_spectra: flash FFT blocks use filter spectra computed once per model (False:
       transform the filter slice in every block, for ablation).
-    unroll_levels: flash unrolls full chunks of 2^unroll_levels steps in the compiled loop.
     chunk: positions per inner iteration of the lazy and eager strategies.
   """
 
   tau: str | int | Mapping[int, str] = "auto"
   layer_parallel: bool = True
   precomputed_spectra: bool = True
-  unroll_levels: int = 2
   chunk: int = 256
 
   @classmethod
@@ -77,7 +75,7 @@ def make_mixer(strategy: str, num_steps: int, channels: int, options: EngineOpti
   tau = tuple(sorted(tau.items())) if isinstance(tau, Mapping) else tau
   blocks = _block_config(tuple(schedule.block_sizes(num_steps)), tau, channels,
                          options.layer_parallel, options.precomputed_spectra)
-  return mixing.Flash(blocks, options.unroll_levels)
+  return mixing.Flash(blocks)
 
 
 @functools.lru_cache(maxsize=256)
@@ -117,11 +115,12 @@ def run_online(online, mixer, params: Params, tables, diagonal: Array, prefill, 
   state = mixer.init(tables, prompt_inputs, num_steps)
 
   def step(rest, pending, r):
-    carry, io = rest
-    carry, inputs, output = online.step(params, diagonal, carry, feed(io, r), pending)
-    return (carry, emit(io, r, output)), inputs
+    carry, io, x = rest  # x: the input at r, read at the end of the previous iteration
+    carry, inputs, output = online.step(params, diagonal, carry, x, pending)
+    io = emit(io, r, output)
+    return (carry, io, feed(io, r + 1)), inputs
 
-  _, (_, io) = mixer.run(tables, step, (state, (carry, io)), num_steps)
+  _, (_, io, _) = mixer.run(tables, step, state, (carry, io, feed(io, 0)), num_steps)
   return io
 
 

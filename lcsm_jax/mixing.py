@@ -7,12 +7,17 @@ All strategies share one interface, so the generation loop does not know which o
   init(tables, prompt_inputs, M)      -> state  (after the parallel prefill of the prompt)
   pending(tables, state, r)           -> (S, B, D) contributions of all earlier positions
   record(tables, state, r, a)         -> state  (a: (S, B, D) inputs at online position r)
-  run(tables, step, carry, M)         -> carry  (drives the token loop; flash adds its blocks)
+  run(tables, step, state, rest, M)   -> (state, rest)  (the token loop; flash adds its blocks)
 
 Shapes: S streams (layers x convolutions per layer), B batch rows, D channels, P prompt
 length, M online positions (absolute position of online position r is P + r), T = P + M.
 The diagonal term a[t] * rho[0] is not part of `pending`: the model step adds it, since a[t]
 is only known inside the step.
+
+Every token loop reads the next position's pending outputs at the end of an iteration, after
+all writes to the state, and carries them as a small array: a step that read them from the
+large state buffers itself would let XLA fuse those reads into the writes of other buffers,
+and, unable to order them, copy every buffer at every step (WORKSPACE.md, performance notes).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ Carry = Any
 StepFn = Callable[[Carry, Array, Array], tuple[Carry, Array]]
 
 
+DIRECT_PROMPT_MAX = 8  # prompts up to this length add their contribution without an FFT
+
+
 def prompt_contribution(prompt_inputs: Array, taps: Array, num_steps: int) -> Array:
   """Contribution of the prompt's inputs to every online position, by one FFT per stream.
 
@@ -47,6 +55,9 @@ def prompt_contribution(prompt_inputs: Array, taps: Array, num_steps: int) -> Ar
   length, streams, batch, width = prompt_inputs.shape
   if length == 0 or num_steps == 0:
     return jnp.zeros((num_steps, streams, batch, width), jnp.float32)
+  if length <= DIRECT_PROMPT_MAX:  # a few shifted products beat transforms of size P + M
+    window = lambda s: taps[length - s:length - s + num_steps, :, None, :].astype(jnp.float32)
+    return sum(prompt_inputs[s].astype(jnp.float32) * window(s) for s in range(length))
   total = length + num_steps
   n = convolution.fft_length(total)
   x = jnp.fft.rfft(jnp.moveaxis(prompt_inputs.astype(jnp.float32), 0, -1), n=n)  # (S, B, D, F)
@@ -68,15 +79,37 @@ def _add_rows(buffer: Array, start: Array, rows: Array) -> Array:
   return lax.dynamic_update_slice_in_dim(buffer, current + rows.astype(buffer.dtype), start, axis=0)
 
 
-def _simple_loop(step: StepFn, pending, record, carry, num_steps: int):
-  """A plain token loop: carry = (state, rest)."""
+def token_loop(step: StepFn, pending, update, state, rest, num_steps: int):
+  """The shared token loop.
+
+  Args:
+    step: the model at one position (see `StepFn`).
+    pending: (state, r) -> (S, B, D) pending outputs of online position r.
+    update: (state, r, inputs) -> state after position r (record its inputs, add blocks...).
+  Returns:
+    (state, rest) after `num_steps` positions.
+  """
 
   def body(r, carry):
-    state, rest = carry
-    rest, inputs = step(rest, pending(state, r), r)
-    return record(state, r, inputs), rest
+    state, rest, pend = carry
+    rest, inputs = step(rest, pend, r)
+    state = update(state, r, inputs)
+    return state, rest, pending(state, r + 1)
 
-  return lax.fori_loop(0, num_steps, body, carry)
+  if num_steps == 0:
+    return state, rest
+  state, rest, _ = lax.fori_loop(0, num_steps, body, (state, rest, pending(state, 0)))
+  return state, rest
+
+
+def _sum_rows(x: Array) -> Array:
+  """x.sum(axis=0) for a power-of-two number of rows, as a tree of contiguous row-block adds:
+  XLA on the CPU reduces the leading axis of a time-major buffer at under 1 GB/s, while these
+  adds run at memory speed (measured in WORKSPACE.md)."""
+  while x.shape[0] > 1:
+    half = x.shape[0] // 2
+    x = x[:half] + x[half:]
+  return x[0]
 
 
 # -- flash ---------------------------------------------------------------------------------
@@ -97,7 +130,6 @@ class Flash:
   """The tiled O(L log^2 L) schedule (see `schedule.py`)."""
 
   blocks: blocks_lib.BlockConfig
-  unroll_levels: int = 2
   name: str = "flash"
 
   def prepare(self, taps: Array) -> FlashTables:
@@ -105,7 +137,7 @@ class Flash:
 
   def init(self, tables: FlashTables, prompt_inputs: Array, num_steps: int) -> FlashState:
     _, streams, batch, width = prompt_inputs.shape
-    rows = schedule.output_rows(schedule.FlashPlan(num_steps, self.unroll_levels))
+    rows = schedule.output_rows(schedule.FlashPlan(num_steps))
     contribution = prompt_contribution(prompt_inputs, tables.taps, num_steps)
     outputs = jnp.zeros((rows, streams, batch, width), jnp.float32)
     return FlashState(
@@ -124,33 +156,23 @@ class Flash:
     contribution = blocks_lib.apply_block(self.blocks, window, tables.taps, tables.spectra, out_len)
     return state._replace(outputs=_add_rows(state.outputs, end, contribution))
 
-  def run(self, tables: FlashTables, step: StepFn, carry, num_steps: int):
-    flash = self
+  def update(self, tables: FlashTables, state: FlashState, r, inputs: Array,
+             plan: schedule.FlashPlan) -> FlashState:
+    """Records the inputs of position r, then adds every block whose inputs end at r + 1."""
+    state = self.record(tables, state, r, inputs)
+    i = r + 1
+    for level in range(plan.num_levels):
+      # A loop of zero or one trip per level; its body depends on the trip index j (always 0)
+      # so that XLA cannot hoist the block out of the token loop.
+      block = lambda j, s, level=level: self.block(tables, s, level, i + j,
+                                                   plan.rows_written(level))
+      state = lax.fori_loop(0, plan.runs_block(level, i).astype(jnp.int32), block, state)
+    return state
 
-    class Primitives:
-
-      def step(self, carry, r):
-        state, rest = carry
-        rest, inputs = step(rest, flash.pending(tables, state, r), r)
-        return flash.record(tables, state, r, inputs), rest
-
-      def block(self, carry, level, end, out_len):
-        state, rest = carry
-        return flash.block(tables, state, level, end, out_len), rest
-
-      def repeat(self, count, body, carry):
-        return lax.fori_loop(0, count, body, carry)
-
-      def run_if(self, pred, body, carry):
-        if isinstance(pred, bool):
-          return body(0, carry) if pred else carry
-        return lax.fori_loop(0, pred.astype(jnp.int32), body, carry)
-
-      def minimum(self, a, b):
-        return jnp.minimum(a, b)
-
-    plan = schedule.FlashPlan(num_steps, self.unroll_levels)
-    return schedule.execute(plan, Primitives(), carry)
+  def run(self, tables: FlashTables, step: StepFn, state: FlashState, rest, num_steps: int):
+    plan = schedule.FlashPlan(num_steps)
+    return token_loop(step, lambda s, r: self.pending(tables, s, r),
+                      lambda s, r, a: self.update(tables, s, r, a, plan), state, rest, num_steps)
 
 
 # -- lazy ----------------------------------------------------------------------------------
@@ -173,6 +195,10 @@ class Lazy:
   chunk: int = 256
   name: str = "lazy"
 
+  def __post_init__(self):
+    if self.chunk < 1 or self.chunk & (self.chunk - 1):
+      raise ValueError(f"chunk must be a power of two, got {self.chunk}.")
+
   def prepare(self, taps: Array) -> LazyTables:
     pad = jnp.zeros((self.chunk,) + taps.shape[1:], jnp.float32)
     return LazyTables(jnp.concatenate([taps[::-1].astype(jnp.float32), pad]))
@@ -192,7 +218,7 @@ class Lazy:
       start = c * self.chunk
       a = lax.dynamic_slice_in_dim(state.history, start, self.chunk, axis=0)
       rho = lax.dynamic_slice_in_dim(tables.reversed_taps, total - 1 - t + start, self.chunk, 0)
-      return acc + jnp.sum(a * rho[:, :, None, :], axis=0)
+      return acc + _sum_rows(a * rho[:, :, None, :])
 
     zeros = jnp.zeros(state.history.shape[1:], jnp.float32)
     return lax.fori_loop(0, (t + self.chunk - 1) // self.chunk, add_chunk, zeros)
@@ -200,9 +226,9 @@ class Lazy:
   def record(self, tables, state: LazyState, r, inputs: Array) -> LazyState:
     return state._replace(history=_write_row(state.history, state.offset + r, inputs))
 
-  def run(self, tables, step: StepFn, carry, num_steps: int):
-    return _simple_loop(step, lambda s, r: self.pending(tables, s, r),
-                        lambda s, r, a: self.record(tables, s, r, a), carry, num_steps)
+  def run(self, tables, step: StepFn, state: LazyState, rest, num_steps: int):
+    return token_loop(step, lambda s, r: self.pending(tables, s, r),
+                      lambda s, r, a: self.record(tables, s, r, a), state, rest, num_steps)
 
 
 # -- eager ---------------------------------------------------------------------------------
@@ -249,9 +275,10 @@ class Eager:
     trips = (num_steps - 1 - r + self.chunk - 1) // self.chunk
     return EagerState(lax.fori_loop(0, trips, push_chunk, state.outputs))
 
-  def run(self, tables, step: StepFn, carry, num_steps: int):
-    return _simple_loop(step, lambda s, r: self.pending(tables, s, r),
-                        lambda s, r, a: self.record(tables, s, r, a, num_steps), carry, num_steps)
+  def run(self, tables, step: StepFn, state: EagerState, rest, num_steps: int):
+    return token_loop(step, lambda s, r: self.pending(tables, s, r),
+                      lambda s, r, a: self.record(tables, s, r, a, num_steps), state, rest,
+                      num_steps)
 
 
 STRATEGIES = ("flash", "lazy", "eager")

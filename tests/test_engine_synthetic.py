@@ -35,6 +35,7 @@ def check_rollout(stack, params, prompt, num_steps, outputs):
     (1, 8, 1, 1, 1),      # a single online step
     (3, 5, 2, 7, 37),     # odd everything, not a power of two
     (2, 16, 3, 1, 64),    # power of two, prompt of one
+    (2, 4, 1, 21, 30),    # a prompt long enough for the FFT prompt contribution
 ])
 def test_rollout_matches_direct_forward(strategy, layers, width, batch, prompt_len, steps):
   stack = synthetic.ConvStack(layers, width, prompt_len + steps)
@@ -45,8 +46,8 @@ def test_rollout_matches_direct_forward(strategy, layers, width, batch, prompt_l
 
 
 @pytest.mark.parametrize("options", [
-    dict(tau="direct"), dict(tau="fft"), dict(tau=2, unroll_levels=0),
-    dict(tau=2, unroll_levels=3), dict(tau=1, layer_parallel=False),
+    dict(tau="direct"), dict(tau="fft"), dict(tau=2), dict(tau={1: "fft", 2: "direct", 4: "fft",
+    8: "direct", 16: "fft", 32: "direct", 64: "fft"}), dict(tau=1, layer_parallel=False),
     dict(tau=1, precomputed_spectra=False),
 ])
 def test_flash_options_give_the_same_result(options):
