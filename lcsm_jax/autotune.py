@@ -4,6 +4,11 @@
 device and channel count were measured before, else measured now (a few seconds) and cached.
 The cache lives in `$LCSM_JAX_CACHE_DIR` (default `~/.cache/lcsm_jax`); set
 `LCSM_JAX_CROSSOVER=<int>` to skip measuring altogether.
+
+On GPU and TPU, `tau='auto'` also reads the Pallas table that `experiments/pallas_crossover.py`
+writes (`$LCSM_JAX_CACHE_DIR/pallas_crossover.json`, or the path in
+`$LCSM_JAX_PALLAS_CROSSOVER`): block sizes up to its `crossover.pallas_max_U` use the Pallas
+kernel. Tables measured in interpret mode, or on another backend, are ignored.
 """
 
 from __future__ import annotations
@@ -84,3 +89,24 @@ def crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> int:
     except OSError:
       pass  # a read-only home still gets a measured (uncached) crossover
   return int(cache[key]["crossover"])
+
+
+def pallas_table_path() -> pathlib.Path:
+  forced = os.environ.get("LCSM_JAX_PALLAS_CROSSOVER")
+  return pathlib.Path(forced) if forced else cache_path().with_name("pallas_crossover.json")
+
+
+def pallas_crossover() -> int | None:
+  """Largest block size where the compiled Pallas kernel beat the XLA paths on this backend,
+  from the table of `experiments/pallas_crossover.py`; None on CPU or without a valid table."""
+  backend = jax.default_backend()
+  path = pallas_table_path()
+  if backend == "cpu" or not path.exists():
+    return None
+  try:
+    table = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError):
+    return None
+  if table.get("interpret", True) or table.get("backend") != backend:
+    return None
+  return int(table.get("crossover", {}).get("pallas_max_U", 0)) or None

@@ -8,8 +8,9 @@ Layout (time-major, as the generation state stores it):
 
 Implementations ("tau"): `direct` (O(U^2) shift-and-add, fastest for small U), `fft` (one real
 FFT of size 2U with the filter's spectrum precomputed once per model), and `pallas` (the kernel
-in `pallas_kernels`). Each is written for one stream and `vmap`ped over the stream axis, so all
-layers' blocks run as one batched computation; `layer_parallel=False` loops over streams instead.
+in `pallas_kernels`: interpreted on CPU, compiled on GPU and TPU). With `layer_parallel` one
+call covers all streams (the per-stream computation vectorised over the stacked stream axis, the
+batching `vmap` would give, with no transposes of the state); otherwise one call per stream.
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ def fft_block(inputs: Array, spectrum: Array, out_len: int) -> Array:
 def pallas_block(inputs: Array, taps: Array, out_len: int) -> Array:
   """All streams at once through the Pallas Toeplitz kernel: (U, S, B, D) -> (out_len, S, B, D)."""
   from pallas_kernels import toeplitz_block  # optional dependency of the engine
-  return toeplitz_block(inputs, taps[:2 * inputs.shape[0]])[:out_len]
+  window = taps[:2 * inputs.shape[0]]
+  # The last block may be truncated and the filter shorter than 2U: taps past it are unused.
+  window = jnp.pad(window, [(0, 2 * inputs.shape[0] - window.shape[0]), (0, 0), (0, 0)])
+  return toeplitz_block(inputs, window)[:out_len]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,32 +102,46 @@ class BlockConfig:
     return [size for size, method in self.methods if method == "fft"]
 
 
+PALLAS_MAX_SIZE = 256  # tau='pallas': the O(U^2) kernel up to here, FFT blocks above
+
+
 def block_config(sizes: Sequence[int], tau: str | int | Mapping[int, str],
                  *, crossover: Callable[[], int] | None = None,
+                 pallas_crossover: Callable[[], int | None] | None = None,
                  layer_parallel: bool = True, precomputed_spectra: bool = True) -> BlockConfig:
   """Resolves the user's `tau` into an implementation per block size.
 
   Args:
     sizes: block sizes the plan uses.
-    tau: 'direct', 'fft', 'pallas', 'auto' (direct up to the measured crossover, FFT above),
-      an integer crossover (direct for U <= tau), or a mapping {U: method}.
-    crossover: returns the machine's measured crossover; called only for tau='auto'.
+    tau: 'direct', 'fft', 'pallas' (the Pallas kernel up to PALLAS_MAX_SIZE, FFT above),
+      'auto' (direct up to the measured crossover, FFT above; on accelerators with a measured
+      Pallas table, the Pallas kernel where it won), an integer crossover (direct for
+      U <= tau) or a mapping {U: method}.
+    crossover: returns the machine's measured direct/FFT crossover; called only for 'auto'.
+    pallas_crossover: returns the largest U where the Pallas kernel won on this accelerator,
+      or None (CPU, or not measured); called only for 'auto'.
   """
   if isinstance(tau, Mapping):
     missing = [s for s in sizes if s not in tau]
     if missing:
       raise ValueError(f"tau mapping has no implementation for block sizes {missing}.")
     methods = {s: tau[s] for s in sizes}
+  elif tau == "pallas":
+    methods = {s: "pallas" if s <= PALLAS_MAX_SIZE else "fft" for s in sizes}
   elif isinstance(tau, str) and tau in IMPLEMENTATIONS:
     methods = {s: tau for s in sizes}
   elif tau == "auto" or (isinstance(tau, int) and not isinstance(tau, bool)):
+    pallas_max = None
     if tau == "auto":
       if crossover is None:
         raise ValueError("tau='auto' needs a crossover source.")
+      pallas_max = pallas_crossover() if pallas_crossover is not None else None
       tau = crossover()
     if tau < 0:
       raise ValueError(f"an integer tau is the largest direct block size, >= 0; got {tau}.")
     methods = {s: "direct" if s <= tau else "fft" for s in sizes}
+    if pallas_max:
+      methods.update({s: "pallas" for s in sizes if s <= pallas_max})
   else:
     raise ValueError(f"tau must be 'auto', 'direct', 'fft', 'pallas', an integer crossover or a "
                      f"mapping {{block size: method}}; got {tau!r}.")

@@ -84,6 +84,7 @@ def _block_config(sizes, tau, channels, layer_parallel, precomputed_spectra):
   tau = dict(tau) if isinstance(tau, tuple) else tau
   return blocks_lib.block_config(
       sizes, tau, crossover=lambda: autotune.crossover(channels, max(sizes, default=1)),
+      pallas_crossover=autotune.pallas_crossover,
       layer_parallel=layer_parallel, precomputed_spectra=precomputed_spectra)
 
 

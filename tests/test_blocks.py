@@ -66,3 +66,22 @@ def test_block_config_resolves_tau():
 def test_block_config_rejects_bad_tau(tau, match):
   with pytest.raises(ValueError, match=match):
     blocks.block_config([1, 2, 4, 8, 16], tau)
+
+
+@pytest.mark.parametrize("size,out_len", [(1, 1), (4, 3), (8, 8)])
+def test_pallas_block_matches_middle_product(size, out_len):
+  inputs, taps = _random_block(size, streams=2, batch=1, width=5, seed=size + 100)
+  config = blocks.BlockConfig(((size, "pallas"),))
+  out = jax.jit(lambda x, t: blocks.apply_block(config, x, t, {}, out_len))(inputs, taps)
+  np.testing.assert_allclose(out, middle_product(inputs, taps, out_len), rtol=2e-5, atol=2e-5)
+
+
+def test_auto_uses_pallas_only_with_a_measured_table():
+  sizes = [1, 2, 4, 8, 16, 512]
+  no_table = blocks.block_config(sizes, "auto", crossover=lambda: 4, pallas_crossover=lambda: None)
+  assert "pallas" not in dict(no_table.methods).values()
+  table = dict(blocks.block_config(sizes, "auto", crossover=lambda: 4,
+                                   pallas_crossover=lambda: 8).methods)
+  assert table == {1: "pallas", 2: "pallas", 4: "pallas", 8: "pallas", 16: "fft", 512: "fft"}
+  pallas = dict(blocks.block_config(sizes, "pallas").methods)
+  assert pallas[16] == "pallas" and pallas[512] == "fft"

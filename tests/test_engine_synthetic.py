@@ -69,3 +69,12 @@ def test_rollout_rejects_bad_input():
     synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, strategy="fastest")
   with pytest.raises(TypeError, match="unknown engine option"):
     synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, tua=3)
+
+
+def test_flash_with_pallas_blocks_is_exact():
+  """tau='pallas' runs the Pallas kernel (interpreted on CPU) inside the token loop."""
+  stack = synthetic.ConvStack(2, 4, 24)
+  params = stack.init(jax.random.key(9))
+  prompt = jax.random.normal(jax.random.key(10), (1, 3, 4))
+  outputs = synthetic.rollout(params, stack, prompt, 21, strategy="flash", tau="pallas")
+  check_rollout(stack, params, prompt, 21, outputs)

@@ -102,3 +102,16 @@ def test_strategies_sample_identical_tokens(num_tokens):
   full = np.concatenate([prompt, np.asarray(flash.tokens)], axis=1)
   forward = np.asarray(HyenaLM(config).apply(params, full))[:, 4:-1, :13]
   assert relative_error(flash.logits, forward) <= 1e-4
+
+
+def test_pallas_blocks_generate_exactly():
+  """tau='pallas' (the Pallas kernel, interpreted on CPU) in the language model's engine."""
+  config = HyenaConfig(vocab_size=7, d_model=8, n_layer=2, d_inner=16, l_max=40, order=3,
+                       filter_order=8, emb_dim=3)
+  params = init_params(config, jax.random.key(11))
+  tokens = np.random.default_rng(3).integers(0, 7, (1, 37))
+  reference = hyenadna_logits(state_dict_from_params(config, params), reference_config(config),
+                              tokens)
+  logits = generation.teacher_forced_logits(params, config, tokens, prompt_length=5,
+                                            strategy="flash", tau="pallas")
+  assert relative_error(logits, reference) <= 1e-4
