@@ -93,13 +93,15 @@ def prepare_tables(params: Params, *, online, mixer, total: int):
   """Filters of `total` taps, and the strategy's tables: computed once, outside the loop.
 
   Returns:
-    (tables or None for 'recompute', diagonal (S, D)).
+    (tables or None for 'recompute', the step's constants: `online.constants(params,
+    diagonal)`, e.g. the diagonal (S, D) and per-layer parameters, as separate buffers so that
+    the token loop never slices stacked weights).
   """
   taps, diagonal = online.filters(params, total)
-  return (mixer.prepare(taps) if mixer is not None else None), diagonal
+  return (mixer.prepare(taps) if mixer is not None else None), online.constants(params, diagonal)
 
 
-def run_online(online, mixer, params: Params, tables, diagonal: Array, prefill, num_steps: int,
+def run_online(online, mixer, params: Params, tables, constants, prefill, num_steps: int,
                io: IO, feed: Feed, emit: Emit, batch: int) -> IO:
   """The token loop of every strategy that keeps mixing state (all but 'recompute').
 
@@ -117,7 +119,7 @@ def run_online(online, mixer, params: Params, tables, diagonal: Array, prefill, 
 
   def step(rest, pending, r):
     carry, io, x = rest  # x: the input at r, read at the end of the previous iteration
-    carry, inputs, output = online.step(params, diagonal, carry, x, pending)
+    carry, inputs, output = online.step(params, constants, carry, x, pending)
     io = emit(io, r, output)
     return (carry, io, feed(io, r + 1)), inputs
 
@@ -157,7 +159,7 @@ def run_recompute(online, params: Params, inputs: Array, start: int, num_steps: 
   return io
 
 
-def run(online, mixer, params: Params, tables, diagonal: Array, prompt: Array, prefill,
+def run(online, mixer, params: Params, tables, constants, prompt: Array, prefill,
         num_steps: int, io: IO, feed: Feed, emit: Emit) -> IO:
   """Runs `num_steps` online positions after `prompt` (B, P, ...) with any strategy."""
   batch, length = prompt.shape[:2]
@@ -165,5 +167,5 @@ def run(online, mixer, params: Params, tables, diagonal: Array, prompt: Array, p
     buffer = jnp.zeros((batch, length + num_steps) + prompt.shape[2:], prompt.dtype)
     buffer = lax.dynamic_update_slice_in_dim(buffer, prompt, 0, axis=1)
     return run_recompute(online, params, buffer, length, num_steps, io, feed, emit)
-  return run_online(online, mixer, params, tables, diagonal, prefill, num_steps, io, feed, emit,
+  return run_online(online, mixer, params, tables, constants, prefill, num_steps, io, feed, emit,
                     batch)

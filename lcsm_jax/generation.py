@@ -71,7 +71,7 @@ def _next_token(cfg: sampling.SamplingConfig, s: _Sampler, logits: Array, index,
 
 @functools.partial(jax.jit, static_argnames=(
     "online", "mixer", "sampling_config", "num_tokens", "return_logits"))
-def _generate(params, tables, diagonal, prompt, sampler, *, online, mixer, sampling_config,
+def _generate(params, tables, constants, prompt, sampler, *, online, mixer, sampling_config,
               num_tokens, return_logits):
   batch = prompt.shape[0]
   vocab = sampling_config.vocab_size
@@ -94,13 +94,13 @@ def _generate(params, tables, diagonal, prompt, sampler, *, online, mixer, sampl
       logits = lax.dynamic_update_index_in_dim(logits, step_logits[:, :vocab], r + 1, axis=1)
     return _GenerationIO(tokens, logits, done)
 
-  io = engine.run(online, mixer, params, tables, diagonal, prompt, prefill, num_tokens - 1,
+  io = engine.run(online, mixer, params, tables, constants, prompt, prefill, num_tokens - 1,
                   _GenerationIO(tokens, logits, done), feed, emit)
   return io.tokens, (io.logits if return_logits else None)
 
 
 @functools.partial(jax.jit, static_argnames=("online", "mixer", "prompt_length"))
-def _teacher_forced(params, tables, diagonal, tokens, *, online, mixer, prompt_length):
+def _teacher_forced(params, tables, constants, tokens, *, online, mixer, prompt_length):
   batch, total = tokens.shape
   prompt = tokens[:, :prompt_length]
   prefill = online.prefill(params, prompt) if prompt_length else None
@@ -114,7 +114,7 @@ def _teacher_forced(params, tables, diagonal, tokens, *, online, mixer, prompt_l
   def emit(logits, r, step_logits):
     return lax.dynamic_update_index_in_dim(logits, step_logits, prompt_length + r, axis=1)
 
-  return engine.run(online, mixer, params, tables, diagonal, prompt, prefill,
+  return engine.run(online, mixer, params, tables, constants, prompt, prefill,
                     total - prompt_length, logits, feed, emit)
 
 
@@ -124,8 +124,8 @@ def _prepare(params, config: HyenaConfig, strategy: str, num_steps: int, total: 
   online = HyenaOnline(config)
   mixer = engine.make_mixer(strategy, num_steps, online.num_streams * batch * online.width,
                             options)
-  tables, diagonal = engine.prepare_tables(params, online=online, mixer=mixer, total=total)
-  return online, mixer, tables, diagonal
+  tables, constants = engine.prepare_tables(params, online=online, mixer=mixer, total=total)
+  return online, mixer, tables, constants
 
 
 def generate(params: Params, config: HyenaConfig, prompt_ids, num_tokens: int,
@@ -181,14 +181,14 @@ def generate(params: Params, config: HyenaConfig, prompt_ids, num_tokens: int,
   elif key is None and not greedy:
     raise ValueError("sampling needs a PRNG key, e.g. jax.random.key(0) (or temperature=0 "
                      "for greedy decoding).")
-  online, mixer, tables, diagonal = _prepare(params, config, strategy, num_tokens - 1, total,
+  online, mixer, tables, constants = _prepare(params, config, strategy, num_tokens - 1, total,
                                              batch, options)
   sampler = _Sampler(noise, key if key is not None else jax.random.key(0),
                      jnp.float32(1.0 if greedy else temperature),
                      jnp.float32(1.0 if top_p is None else top_p),
                      None if eos_id is None else jnp.int32(eos_id))
   sampling_config = sampling.SamplingConfig(config.vocab_size, greedy, top_k, top_p is not None)
-  tokens, logits = _generate(params, tables, diagonal, jnp.asarray(prompt), sampler,
+  tokens, logits = _generate(params, tables, constants, jnp.asarray(prompt), sampler,
                              online=online, mixer=mixer, sampling_config=sampling_config,
                              num_tokens=num_tokens, return_logits=return_logits)
   return GenerationOutput(tokens, _lengths(tokens, eos_id), logits)
@@ -211,9 +211,9 @@ def teacher_forced_logits(params: Params, config: HyenaConfig, token_ids, *,
   if isinstance(prompt_length, bool) or not isinstance(prompt_length, (int, np.integer)) or \
       not 0 <= prompt_length <= total:
     raise ValueError(f"prompt_length must be an integer in [0, {total}], got {prompt_length!r}.")
-  online, mixer, tables, diagonal = _prepare(params, config, strategy, total - prompt_length,
+  online, mixer, tables, constants = _prepare(params, config, strategy, total - prompt_length,
                                              total, batch, options)
-  return _teacher_forced(params, tables, diagonal, jnp.asarray(tokens), online=online,
+  return _teacher_forced(params, tables, constants, jnp.asarray(tokens), online=online,
                          mixer=mixer, prompt_length=int(prompt_length))
 
 

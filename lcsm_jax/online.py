@@ -6,8 +6,10 @@ and leaves their mixing to a strategy in `mixing.py`:
   filters(params, T)                 -> (taps (T, S, D), diagonal (S, D) = tap 0 + skip term)
   forward(params, inputs (B, L, ...)) -> outputs (B, L, ...): the parallel forward
   prefill(params, prompt)            -> (outputs (B, P, ...), prompt_inputs (P, S, B, D), carry)
+  constants(params, diagonal)        -> what the step reads besides params (computed outside
+                                        the token loop, e.g. per-layer weights unstacked)
   initial_carry(params, batch)       -> carry for an empty prompt
-  step(params, diagonal, carry, x, pending (S, B, D)) -> (carry, inputs (S, B, D), output)
+  step(params, constants, carry, x, pending (S, B, D)) -> (carry, inputs (S, B, D), output)
 
 `carry` holds the model's own per-position state (the short-convolution windows); everything
 that grows with the sequence lives in the strategy's state.
@@ -16,7 +18,7 @@ that grows with the sequence lives in the strategy's state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,18 +32,21 @@ Array = jax.Array
 Params = Any
 
 
+class StepConstants(NamedTuple):
+  """What the language model's step reads besides the embedding and head."""
+  diagonal: Array             # (S, D): filter tap 0 plus skip term of every stream
+  layers: tuple[Params, ...]  # per layer: the block's parameters without its filter tables
+
+
 @dataclasses.dataclass(frozen=True)
 class HyenaOnline:
   """The Hyena language model driven one token at a time.
 
   Attributes:
     config: the architecture.
-    unroll_layers: unroll the per-token loop over layers in the compiled step (faster on CPU
-      for a few layers) instead of a `lax.scan`.
   """
 
   config: HyenaConfig
-  unroll_layers: bool = True
 
   @property
   def num_streams(self) -> int:
@@ -83,23 +88,34 @@ class HyenaOnline:
     return jnp.zeros((cfg.n_layer, batch, cfg.short_filter_order - 1,
                       (cfg.order + 1) * cfg.d_model), jnp.float32)
 
-  def step(self, params: Params, diagonal: Array, carry: Array, token: Array, pending: Array
-           ) -> tuple[Array, Array, Array]:
+  def constants(self, params: Params, diagonal: Array) -> StepConstants:
+    """The diagonal and every layer's step weights as separate arrays (no filter tables).
+
+    Slicing the stacked (n_layer, ...) weights inside the token loop made XLA copy every
+    layer's weights at every token (25 MB per token for d_model 256, 8 layers); slices taken
+    here, in a program of their own, are made once.
+    """
+    blocks = dict(self._blocks(params))
+    blocks["mixer"] = {k: v for k, v in blocks["mixer"].items() if k != "filter"}
+    layers = tuple(jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(self.config.n_layer))
+    return StepConstants(diagonal, layers)
+
+  def step(self, params: Params, constants: StepConstants, carry: Array, token: Array,
+           pending: Array) -> tuple[Array, Array, Array]:
     """token (B,) -> (windows, inputs (S, B, D), logits (B, V))."""
     cfg = self.config
     model, block = HyenaLM(cfg), HyenaBlock(cfg)
     x = model.apply(params, token, method=HyenaLM.embed)
     per_layer = (cfg.n_layer, cfg.num_convolutions)
     pending = pending.reshape(per_layer + pending.shape[1:])
-    diagonal = diagonal.reshape(per_layer + diagonal.shape[1:])
-
-    def layer(x, xs):
-      p, pend, window, diag = xs
-      x, inputs, window = block.apply({"params": p}, x, pend, window, diag,
-                                      method=HyenaBlock.step)
-      return x, (inputs, window)
-
-    x, (inputs, carry) = lax.scan(layer, x, (self._blocks(params), pending, carry, diagonal),
-                                  unroll=cfg.n_layer if self.unroll_layers else 1)
+    diagonal = constants.diagonal.reshape(per_layer + constants.diagonal.shape[1:])
+    inputs, windows = [], []
+    for layer in range(cfg.n_layer):
+      x, layer_inputs, window = block.apply(
+          {"params": constants.layers[layer]}, x, pending[layer], carry[layer], diagonal[layer],
+          method=HyenaBlock.step)
+      inputs.append(layer_inputs)
+      windows.append(window)
     logits = model.apply(params, x, method=HyenaLM.head)
-    return carry, inputs.reshape((cfg.num_streams,) + inputs.shape[2:]), logits
+    inputs = jnp.stack(inputs)  # (n_layer, N - 1, B, D)
+    return jnp.stack(windows), inputs.reshape((cfg.num_streams,) + inputs.shape[2:]), logits

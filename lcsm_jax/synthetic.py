@@ -69,6 +69,9 @@ class ConvStack:
                    + params["skip"][layer] * x)
     return x, jnp.moveaxis(jnp.stack(inputs), 2, 0), ()  # inputs (P, M, B, D)
 
+  def constants(self, params: Params, diagonal: Array) -> Array:
+    return diagonal
+
   def initial_carry(self, params: Params, batch: int) -> tuple:
     return ()
 
@@ -81,7 +84,7 @@ class ConvStack:
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "mixer", "num_steps"))
-def _rollout(params, tables, diagonal, prompt, *, stack, mixer, num_steps):
+def _rollout(params, tables, constants, prompt, *, stack, mixer, num_steps):
   batch, length, width = prompt.shape
   prefill = stack.prefill(params, prompt)
   outputs = jnp.zeros((batch, length + num_steps, width), jnp.float32)
@@ -93,19 +96,19 @@ def _rollout(params, tables, diagonal, prompt, *, stack, mixer, num_steps):
   def emit(outputs, r, out):
     return lax.dynamic_update_index_in_dim(outputs, out, length + r, axis=1)
 
-  return engine.run(stack, mixer, params, tables, diagonal, prompt, prefill, num_steps, outputs,
+  return engine.run(stack, mixer, params, tables, constants, prompt, prefill, num_steps, outputs,
                     feed, emit)
 
 
 def prepare(params: Params, stack: ConvStack, strategy: str, num_steps: int, total: int,
             batch: int, options: EngineOptions | None = None):
-  """(mixer, tables, diagonal) for a rollout; compiled separately, outside the token loop."""
+  """(mixer, tables, step constants) for a rollout; compiled separately, outside the token loop."""
   options = options or EngineOptions()
   if total > stack.l_max:
     raise ValueError(f"length {total} exceeds the stack's l_max = {stack.l_max}.")
   mixer = engine.make_mixer(strategy, num_steps, stack.num_layers * batch * stack.width, options)
-  tables, diagonal = engine.prepare_tables(params, online=stack, mixer=mixer, total=total)
-  return mixer, tables, diagonal
+  tables, constants = engine.prepare_tables(params, online=stack, mixer=mixer, total=total)
+  return mixer, tables, constants
 
 
 def rollout(params: Params, stack: ConvStack, prompt: Array, num_steps: int, *,
@@ -119,7 +122,7 @@ def rollout(params: Params, stack: ConvStack, prompt: Array, num_steps: int, *,
     raise ValueError(f"prompt must have shape (batch, length >= 1, {stack.width}), "
                      f"got {prompt.shape}.")
   total = prompt.shape[1] + num_steps
-  mixer, tables, diagonal = prepare(params, stack, strategy, num_steps, total, prompt.shape[0],
+  mixer, tables, constants = prepare(params, stack, strategy, num_steps, total, prompt.shape[0],
                                     options)
-  return _rollout(params, tables, diagonal, prompt, stack=stack, mixer=mixer,
+  return _rollout(params, tables, constants, prompt, stack=stack, mixer=mixer,
                   num_steps=num_steps)
