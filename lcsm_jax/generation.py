@@ -11,7 +11,7 @@ token loop.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,14 +70,16 @@ def _next_token(cfg: sampling.SamplingConfig, s: _Sampler, logits: Array, index,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "online", "mixer", "sampling_config", "num_tokens", "return_logits"))
+    "online", "mixer", "sampling_config", "num_tokens", "return_logits", "on_token"))
 def _generate(params, tables, constants, prompt, sampler, *, online, mixer, sampling_config,
-              num_tokens, return_logits):
+              num_tokens, return_logits, on_token=None):
   batch = prompt.shape[0]
   vocab = sampling_config.vocab_size
   prefill = online.prefill(params, prompt)
   last_logits = prefill[0][:, -1]
   token, done = _next_token(sampling_config, sampler, last_logits, 0, jnp.zeros((batch,), bool))
+  if on_token is not None:
+    jax.debug.callback(on_token, 0, token, ordered=True)
   tokens = jnp.zeros((batch, num_tokens), jnp.int32).at[:, 0].set(token)
   logits = jnp.zeros((batch, num_tokens if return_logits else 0, vocab), jnp.float32)
   if return_logits:
@@ -88,6 +90,8 @@ def _generate(params, tables, constants, prompt, sampler, *, online, mixer, samp
 
   def emit(io, r, step_logits):
     token, done = _next_token(sampling_config, sampler, step_logits, r + 1, io.done)
+    if on_token is not None:
+      jax.debug.callback(on_token, r + 1, token, ordered=True)
     tokens = lax.dynamic_update_index_in_dim(io.tokens, token, r + 1, axis=1)
     logits = io.logits
     if return_logits:
@@ -132,6 +136,7 @@ def generate(params: Params, config: HyenaConfig, prompt_ids, num_tokens: int,
              key: Array | None = None, *, strategy: str = "flash",
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, return_logits: bool = False, gumbel_noise=None,
+             on_token: Callable[[int, np.ndarray], None] | None = None,
              options: EngineOptions | None = None, **engine_options) -> GenerationOutput:
   """Samples `num_tokens` tokens after `prompt_ids` from a Hyena language model, exactly.
 
@@ -149,6 +154,8 @@ def generate(params: Params, config: HyenaConfig, prompt_ids, num_tokens: int,
     return_logits: also return the logits of every step (B, N, vocab_size).
     gumbel_noise: (B, N, vocab_size) noise replacing the key's
       (token j = argmax(filtered logits_j / temperature + gumbel_noise[:, j])).
+    on_token: called on the host as on_token(j, tokens (B,)) when token j is chosen, in
+      order (for streaming output; costs a host round trip per token).
     options, **engine_options: `EngineOptions` (tau, layer_parallel, ...).
 
   Returns:
@@ -190,7 +197,8 @@ def generate(params: Params, config: HyenaConfig, prompt_ids, num_tokens: int,
   sampling_config = sampling.SamplingConfig(config.vocab_size, greedy, top_k, top_p is not None)
   tokens, logits = _generate(params, tables, constants, jnp.asarray(prompt), sampler,
                              online=online, mixer=mixer, sampling_config=sampling_config,
-                             num_tokens=num_tokens, return_logits=return_logits)
+                             num_tokens=num_tokens, return_logits=return_logits,
+                             on_token=on_token)
   return GenerationOutput(tokens, _lengths(tokens, eos_id), logits)
 
 

@@ -128,3 +128,12 @@ def test_sampling_frequencies_follow_the_tempered_softmax():
   probs /= probs.sum()
   tolerance = 4 * np.sqrt(probs * (1 - probs) / draws) + 1e-3  # four standard errors
   assert (np.abs(freq - probs) <= tolerance).all(), (freq, probs)
+
+
+def test_on_token_streams_every_token_in_order(params):
+  seen = []
+  out = generation.generate(params, CONFIG, PROMPT, 9, jax.random.key(2),
+                            on_token=lambda j, tokens: seen.append((int(j), np.asarray(tokens))),
+                            **ENGINE)
+  assert [j for j, _ in seen] == list(range(9))
+  np.testing.assert_array_equal(np.stack([t for _, t in seen], axis=1), out.tokens)
