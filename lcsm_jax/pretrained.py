@@ -1,7 +1,7 @@
 """The byte-level Hyena language model shipped with the package (`lcsm_jax/assets/byte_lm/`).
 
 Trained by `experiments/train_lm.py` (default flags) on the Python standard library's source;
-see `experiments/TRAINING.md`. The files are read through `importlib.resources`, so this works
+see WORKSPACE.md ("The shipped byte-level model"). The files are read through `importlib.resources`, so this works
 from a wheel or a zip as well as from a source checkout.
 """
 
