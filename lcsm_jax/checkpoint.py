@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import re
+import stat
 import tempfile
 from typing import Any, Mapping
 
@@ -338,8 +339,12 @@ def save_params(path: PathLike, config: HyenaConfig, params: Params,
   with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as tmp:
     save_file(arrays, os.path.join(tmp, OWN_WEIGHTS), metadata=metadata)
     pathlib.Path(tmp, "config.json").write_text(config_text)
-    os.replace(os.path.join(tmp, OWN_WEIGHTS), path / OWN_WEIGHTS)
-    os.replace(os.path.join(tmp, "config.json"), path / "config.json")
+    # safetensors creates its file with mode 0600; give it the mode an ordinary new file gets
+    # (0666 less the umask, as config.json just got), so others can read the checkpoint.
+    weights_tmp, config_tmp = os.path.join(tmp, OWN_WEIGHTS), os.path.join(tmp, "config.json")
+    os.chmod(weights_tmp, stat.S_IMODE(os.stat(config_tmp).st_mode))
+    os.replace(weights_tmp, path / OWN_WEIGHTS)
+    os.replace(config_tmp, path / "config.json")
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:

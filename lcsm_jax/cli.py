@@ -1,0 +1,420 @@
+"""`lcsm-generate`: sample from the shipped byte-level model or a HyenaDNA checkpoint.
+
+  lcsm-generate --prompt "def parse_args(argv):" --num_tokens 200 --temperature 0.8
+  lcsm-generate --num_tokens 1000 --compare_lazy
+  lcsm-generate --checkpoint path/to/hyenadna --prompt ACGTACGT --num_tokens 500
+
+The text goes to stdout as it is generated; timings, progress and errors go to stderr. The
+sequence is generated in chunks of `--chunk_tokens` tokens, one jitted `generate` call per
+chunk whose prompt is everything so far (the prompt is prefilled by one parallel forward, so
+this costs little), with the Gumbel noise of every step taken from `fold_in(key, step)` as one
+`generate` call would: the chunked text is exactly the text of a single call with the same
+seed. Each chunk shape compiles once; compile time is reported apart from generation time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import dataclasses
+import functools
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcsm_jax import checkpoint
+from lcsm_jax import engine
+from lcsm_jax import generation
+from lcsm_jax import pretrained
+from lcsm_jax import sampling
+from lcsm_jax import text
+from lcsm_jax.config import HyenaConfig
+
+PROG = "lcsm-generate"
+DEFAULT_CHUNK_TOKENS = 256
+TAU_NAMES = ("auto", "direct", "fft", "pallas")
+
+# The HyenaDNA character tokenizer (`CharacterTokenizer` of HazyResearch/hyena-dna with
+# characters A, C, G, T, N): seven special tokens, then the characters from id 7.
+HYENADNA_VOCAB = ("[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]",
+                  "A", "C", "G", "T", "N")
+
+
+# -- Tokenizers. ---------------------------------------------------------------------------------
+
+class Tokenizer:
+  """Text <-> token ids for one vocabulary."""
+
+  name: str = ""
+  default_prompt: str = ""
+
+  def encode(self, prompt: str) -> np.ndarray:
+    """Prompt text -> int32 ids (P,)."""
+    raise NotImplementedError
+
+  def decoder(self) -> Callable[[np.ndarray, bool], str]:
+    """An incremental decoder: `(ids (n,), final) -> text` for successive chunks."""
+    raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes (`lcsm_jax.text`); a character split between chunks is printed once whole."""
+
+  name = "bytes (UTF-8)"
+  default_prompt = "def "
+
+  def encode(self, prompt: str) -> np.ndarray:
+    return text.encode(prompt)
+
+  def decoder(self) -> Callable[[np.ndarray, bool], str]:
+    incremental = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def decode(ids: np.ndarray, final: bool = False) -> str:
+      ids = np.asarray(ids).reshape(-1)
+      if ids.size and (ids.min() < 0 or ids.max() >= text.VOCAB_SIZE):
+        raise ValueError(f"byte ids must lie in [0, {text.VOCAB_SIZE}), got values in "
+                         f"[{ids.min()}, {ids.max()}].")
+      return incremental.decode(ids.astype(np.uint8).tobytes(), final)
+
+    return decode
+
+
+class CharacterTokenizer(Tokenizer):
+  """One token per character of a fixed vocabulary (HyenaDNA's character tokenizer)."""
+
+  name = "HyenaDNA characters (A=7, C=8, G=9, T=10, N=11)"
+  default_prompt = "ACGT"
+
+  def __init__(self, vocab: Sequence[str] = HYENADNA_VOCAB):
+    self.vocab = tuple(vocab)
+    self.characters = {tok: i for i, tok in enumerate(self.vocab) if len(tok) == 1}
+
+  def encode(self, prompt: str) -> np.ndarray:
+    prompt = prompt.upper()
+    unknown = sorted(set(prompt) - set(self.characters))
+    if unknown:
+      raise ValueError(f"the prompt holds characters the HyenaDNA tokenizer does not know: "
+                       f"{''.join(unknown)!r}; use only {''.join(self.characters)}.")
+    return np.array([self.characters[c] for c in prompt], np.int32)
+
+  def decoder(self) -> Callable[[np.ndarray, bool], str]:
+    return lambda ids, final=False: "".join(self.vocab[i] for i in np.asarray(ids).reshape(-1))
+
+
+def tokenizer_for(config: HyenaConfig) -> Tokenizer:
+  """The tokenizer implied by the vocabulary size: 256 -> bytes, 12 -> HyenaDNA characters."""
+  if config.vocab_size == text.VOCAB_SIZE:
+    return ByteTokenizer()
+  if config.vocab_size == len(HYENADNA_VOCAB):
+    return CharacterTokenizer()
+  raise ValueError(
+      f"no tokenizer is known for a vocabulary of {config.vocab_size} ids: {PROG} knows UTF-8 "
+      f"bytes ({text.VOCAB_SIZE} ids) and the HyenaDNA character tokenizer "
+      f"({len(HYENADNA_VOCAB)} ids: {', '.join(HYENADNA_VOCAB)}).")
+
+
+def load_model(path: str | None) -> tuple[HyenaConfig, Any, str]:
+  """(config, params, description): the shipped byte model (path None), a directory written by
+  `checkpoint.save_params` (config.json + params.safetensors), or a HyenaDNA checkpoint."""
+  if path is None:
+    config, params, _ = pretrained.load_byte_lm()
+    return config, params, "the shipped byte-level LM"
+  location = pathlib.Path(path)
+  if not location.exists():
+    raise FileNotFoundError(f"no checkpoint at {path!r}.")
+  own = location.is_dir() and (location / checkpoint.OWN_WEIGHTS).is_file() and not any(
+      (location / name).exists() for name in checkpoint.WEIGHT_FILES)
+  if own:
+    config, params = checkpoint.load_params(location)
+  else:
+    config, params = checkpoint.load_hyenadna(location)
+  return config, params, str(path)
+
+
+# -- Chunked, exact generation with timing. --------------------------------------------------------
+
+@dataclasses.dataclass
+class GenerationStats:
+  """Totals of one chunked generation: tokens, `generate` calls, and seconds spent compiling
+  (JAX's recorded tracing, lowering and compilation) and generating (the rest)."""
+
+  strategy: str
+  tokens: int = 0
+  calls: int = 0
+  compile_s: float = 0.0
+  run_s: float = 0.0
+
+  @property
+  def tokens_per_s(self) -> float:
+    return self.tokens / self.run_s if self.run_s > 0 else float("inf")
+
+  def summary(self) -> str:
+    calls = f"{self.calls} call" + ("s" if self.calls != 1 else "")
+    return (f"{self.strategy}: {self.tokens} tokens in {self.run_s:.3f} s = "
+            f"{self.tokens_per_s:.0f} tokens/s ({calls}; compile {self.compile_s:.1f} s, "
+            "not counted)")
+
+
+_COMPILE_EVENTS = "/jax/core/compile/"
+
+
+class CompileTimer:
+  """Sums the durations JAX records for tracing, lowering and compiling while active."""
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    if event.startswith(_COMPILE_EVENTS):
+      self.seconds += duration
+
+  def __enter__(self) -> "CompileTimer":
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+@functools.partial(jax.jit, static_argnames=("num", "vocab_size"))
+def _step_noise(key: jax.Array, start: jax.Array, *, num: int, vocab_size: int) -> jax.Array:
+  """Gumbel noise (1, num, vocab_size) of generation steps start .. start + num - 1, exactly as
+  `generate` draws it for those steps from `key`."""
+  steps = start + jnp.arange(num)
+  noise = jax.vmap(lambda s: sampling.gumbel_noise(key, s, (1, vocab_size)))(steps)
+  return jnp.swapaxes(noise, 0, 1)
+
+
+def _warm_autotune(config: HyenaConfig, strategy: str, tau: str | int) -> None:
+  """Resolves tau='auto' (measuring the direct/FFT crossover if this machine has no cached
+  one) before anything is timed. Channels as the engine counts them for a batch of one."""
+  if strategy == "flash" and tau == "auto":
+    from lcsm_jax import autotune
+    autotune.crossover(config.num_streams * config.d_model)
+
+
+def check_request(config: HyenaConfig, prompt_ids: np.ndarray, num_tokens: int,
+                  chunk_tokens: int) -> None:
+  """Raises ValueError unless a prompt of ids (P,) and `num_tokens` fit the model."""
+  if np.size(prompt_ids) == 0:
+    raise ValueError("the prompt is empty; generation needs at least one prompt token.")
+  if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+    raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}.")
+  total = np.size(prompt_ids) + num_tokens - 1
+  if total > config.l_max:
+    raise ValueError(
+        f"the prompt ({np.size(prompt_ids)} tokens) and {num_tokens} new tokens need "
+        f"{total} positions, more than the model's maximum length l_max = {config.l_max}; "
+        "shorten the prompt or ask for fewer tokens.")
+  if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 0:
+    raise ValueError(f"chunk_tokens must be an integer >= 0 (0: one call), got {chunk_tokens!r}.")
+
+
+def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, num_tokens: int,
+                    seed: int, *, chunk_tokens: int, strategy: str = "flash",
+                    temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, tau: str | int = "auto",
+                    stats: GenerationStats | None = None) -> Iterator[np.ndarray]:
+  """Yields the `num_tokens` tokens after `prompt_ids` (P,) in chunks of ids (<= chunk_tokens,).
+
+  Every chunk is one `generation.generate` call whose prompt is the prompt plus all tokens so
+  far and whose noise is that of the same steps of one call with `jax.random.key(seed)`, so
+  the concatenated chunks equal `generate(..., num_tokens, jax.random.key(seed)).tokens[0]`.
+  chunk_tokens 0 means one call. `stats` (if given) accumulates tokens, calls and timings.
+
+  Raises:
+    ValueError: a prompt that does not fit `config.l_max` with `num_tokens`, bad sampling
+      options (from `generate`).
+  """
+  prompt_ids = np.asarray(prompt_ids, np.int32).reshape(-1)
+  check_request(config, prompt_ids, num_tokens, chunk_tokens)
+  chunk_tokens = chunk_tokens or num_tokens
+  stats = stats if stats is not None else GenerationStats(strategy)
+  key = jax.random.key(seed)
+  greedy = temperature == 0
+  _warm_autotune(config, strategy, tau)
+  ids = prompt_ids
+  for start in range(0, num_tokens, chunk_tokens):
+    num = min(chunk_tokens, num_tokens - start)
+    with CompileTimer() as timer:
+      began = time.perf_counter()
+      noise = None if greedy else _step_noise(key, jnp.int32(start), num=num,
+                                              vocab_size=config.vocab_size)
+      out = generation.generate(params, config, ids[None], num, key, strategy=strategy,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                gumbel_noise=noise, tau=tau)
+      chunk = np.asarray(out.tokens[0])
+      elapsed = time.perf_counter() - began
+    stats.calls += 1
+    stats.tokens += num
+    stats.compile_s += timer.seconds
+    stats.run_s += max(elapsed - timer.seconds, 0.0)
+    ids = np.concatenate([ids, chunk])
+    yield chunk
+
+
+# -- The command. ----------------------------------------------------------------------------------
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+  def parse(value: str) -> int:
+    try:
+      number = int(value)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < low:
+      raise argparse.ArgumentTypeError(f"must be >= {low}, got {number}")
+    return number
+  return parse
+
+
+def _float_in(low: float, high: float, low_open: bool) -> Callable[[str], float]:
+  def parse(value: str) -> float:
+    try:
+      number = float(value)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+      raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    if not (low < number if low_open else low <= number) or not number <= high:
+      interval = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if high < math.inf else ')'}"
+      raise argparse.ArgumentTypeError(f"must lie in {interval}, got {value}")
+    return number
+  return parse
+
+
+def _tau(value: str) -> str | int:
+  if value in TAU_NAMES:
+    return value
+  try:
+    tau = int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(TAU_NAMES)} or an integer block size, got {value!r}") from None
+  if tau < 0:
+    raise argparse.ArgumentTypeError(f"an integer tau must be >= 0, got {tau}")
+  return tau
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog=PROG, description="Exact, fast sampling from a Hyena language model: the shipped "
+      "byte-level model by default, or a HyenaDNA checkpoint. Text goes to stdout as it is "
+      "generated; timings and errors go to stderr.")
+  parser.add_argument("--checkpoint", metavar="PATH", default=None,
+                      help="HyenaDNA checkpoint (a directory with config.json and weights, or "
+                      "a weight file beside config.json), or a directory written by "
+                      "lcsm_jax.save_params. Default: the shipped byte-level LM.")
+  parser.add_argument("--prompt", default=None,
+                      help="Prompt text (default: 'def ' for bytes, 'ACGT' for DNA). HyenaDNA "
+                      "prompts may hold only A, C, G, T, N.")
+  parser.add_argument("--num_tokens", type=_int_at_least(1), default=200,
+                      help="Tokens to generate.")
+  parser.add_argument("--temperature", type=_float_in(0.0, math.inf, False), default=1.0,
+                      help="Sampling temperature; 0 is greedy.")
+  parser.add_argument("--top_k", type=_int_at_least(1), default=None,
+                      help="Sample among the k most likely.")
+  parser.add_argument("--top_p", type=_float_in(0.0, 1.0, True), default=None,
+                      help="Sample among the smallest set of probability >= top_p.")
+  parser.add_argument("--seed", type=int, default=0, help="PRNG seed (jax.random.key(seed)).")
+  parser.add_argument("--strategy", choices=engine.STRATEGIES, default="flash",
+                      help="Exact generation strategy (all give the same text).")
+  parser.add_argument("--tau", type=_tau, default="auto",
+                      help="Flash block implementation: auto, direct, fft, pallas, or an "
+                      "integer crossover (direct for blocks <= tau).")
+  parser.add_argument("--chunk_tokens", type=_int_at_least(0), default=DEFAULT_CHUNK_TOKENS,
+                      help="Tokens per generate call, printed as each call returns (each "
+                      "new chunk shape compiles once); 0: one call.")
+  parser.add_argument("--compare_lazy", action="store_true",
+                      help="Also generate with the lazy strategy and the same seed; report "
+                      "whether the text is identical and the speed-up.")
+  return parser
+
+
+def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConfig,
+                        tokenizer: Tokenizer, prompt_ids: np.ndarray, strategy: str,
+                        out: TextIO | None, err: TextIO) -> tuple[np.ndarray, GenerationStats]:
+  """Runs `generate_chunks`; writes the text to `out` (None: silent), progress to `err` when
+  `out` is not a terminal and there are several chunks."""
+  stats = GenerationStats(strategy)
+  decode = tokenizer.decoder()
+  chunks = []
+  num_chunks = -(-args.num_tokens // (args.chunk_tokens or args.num_tokens))
+  progress = out is not None and num_chunks > 1 and not out.isatty()
+  for chunk in generate_chunks(params, config, prompt_ids, args.num_tokens, args.seed,
+                               chunk_tokens=args.chunk_tokens, strategy=strategy,
+                               temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, tau=args.tau, stats=stats):
+    chunks.append(chunk)
+    if out is not None:
+      out.write(decode(chunk, False))
+      out.flush()
+    if progress:
+      print(f"[{strategy}: {stats.tokens}/{args.num_tokens} tokens, "
+            f"{stats.run_s + stats.compile_s:.1f} s]", file=err, flush=True)
+  if out is not None:
+    out.write(decode(np.zeros((0,), np.int32), True) + "\n")
+    out.flush()
+  return np.concatenate(chunks), stats
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+  """Loads the model, streams the text to `out`, reports to `err`. Returns the exit code."""
+  config, params, description = load_model(args.checkpoint)
+  tokenizer = tokenizer_for(config)
+  prompt = tokenizer.default_prompt if args.prompt is None else args.prompt
+  prompt_ids = tokenizer.encode(prompt)
+  check_request(config, prompt_ids, args.num_tokens, args.chunk_tokens)
+  print(f"{PROG}: {description} (vocabulary {config.vocab_size}, {tokenizer.name}, "
+        f"l_max {config.l_max}); strategy {args.strategy}, seed {args.seed}", file=err,
+        flush=True)
+  out.write(tokenizer.decoder()(prompt_ids, True))
+  out.flush()
+  tokens, stats = _generate_and_print(args, params, config, tokenizer, prompt_ids,
+                                      args.strategy, out, err)
+  print(stats.summary(), file=err)
+  if not args.compare_lazy:
+    return 0
+  if args.strategy == "lazy":
+    print("--compare_lazy: the strategy is already lazy; nothing to compare.", file=err)
+    return 0
+  lazy_tokens, lazy_stats = _generate_and_print(args, params, config, tokenizer, prompt_ids,
+                                                "lazy", None, err)
+  print(lazy_stats.summary(), file=err)
+  identical = np.array_equal(tokens, lazy_tokens)
+  speedup = lazy_stats.run_s / stats.run_s if stats.run_s > 0 else float("inf")
+  print(f"lazy text identical to {args.strategy}: {'yes' if identical else 'NO'}; "
+        f"{args.strategy} speed-up over lazy: {speedup:.2f}x (compile time not counted)",
+        file=err)
+  return 0 if identical else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `lcsm-generate`; `argv` without the program name (default sys.argv[1:]).
+
+  Returns the exit code: 0 success, 1 --compare_lazy found different text, 2 bad usage or
+  input (a clean `lcsm-generate: error: ...` on stderr, no traceback), 130 interrupted.
+  """
+  parser = build_parser()
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # argparse printed usage and the error (or --help)
+    return int(e.code or 0)
+  try:
+    return run(args, sys.stdout, sys.stderr)
+  except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+    sys.stdout.flush()
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"\n{PROG}: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,146 @@
+"""`lcsm-generate` (lcsm_jax/cli.py): streamed exact text, lazy comparison, HyenaDNA checkpoints,
+clean errors, the console-script entry."""
+
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+import jax
+import numpy as np
+import pytest
+
+import lcsm_jax
+from lcsm_jax import cli
+from lcsm_jax import pretrained
+from lcsm_jax import text
+
+ROOT = pathlib.Path(__file__).parent.parent
+# HyenaDNA's CharacterTokenizer (hyena-dna, hg38_char_tokenizer.py): 7 special tokens, then
+# the characters A, C, G, T, N from id 7. Written out here independently of cli.py.
+HYENADNA_IDS = {"A": 7, "C": 8, "G": 9, "T": 10, "N": 11}
+
+
+def _run(capsys, *argv):
+  code = cli.main(list(argv))
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def byte_lm():
+  return pretrained.load_byte_lm()
+
+
+def test_chunked_stream_equals_one_generate_call(capsys, fixture_dir):
+  """HyenaDNA fixture, sampled, in two chunks: exactly the text of one `generate` call."""
+  code, out, err = _run(capsys, "--checkpoint", str(fixture_dir), "--prompt", "acgtnA",
+                        "--num_tokens", "12", "--chunk_tokens", "6", "--seed", "3",
+                        "--temperature", "1.5", "--top_k", "6")
+  assert code == 0, err
+  assert "vocabulary 12, HyenaDNA characters" in err
+  assert "[flash: 6/12 tokens" in err and "[flash: 12/12 tokens" in err  # stdout not a tty
+  assert "flash: 12 tokens in" in err and "tokens/s (2 calls; compile" in err
+  assert "lazy" not in err
+  config, params = lcsm_jax.load_hyenadna(fixture_dir)
+  prompt = np.array([[HYENADNA_IDS[c] for c in "ACGTNA"]])
+  expected = np.asarray(lcsm_jax.generate(params, config, prompt, 12, jax.random.key(3),
+                                          temperature=1.5, top_k=6).tokens[0])
+  names = ["[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]", "A", "C", "G",
+           "T", "N"]
+  assert out == "ACGTNA" + "".join(names[i] for i in expected) + "\n"
+  assert len(set(expected.tolist())) > 2  # really sampled, not a constant run
+
+
+def test_compare_lazy_reports_identical_text_and_speedup(capsys, byte_lm):
+  config, params, _ = byte_lm
+  argv = ["--prompt", "import ", "--num_tokens", "16", "--chunk_tokens", "0", "--temperature",
+          "0"]
+  code, out, err = _run(capsys, *argv)
+  assert code == 0, err
+  greedy = lcsm_jax.generate(params, config, text.encode("import ")[None], 16, temperature=0)
+  assert out == "import " + text.decode(np.asarray(greedy.tokens[0])) + "\n"
+  code, out_again, err = _run(capsys, *argv, "--compare_lazy")
+  assert code == 0, err
+  assert out_again == out
+  assert "lazy text identical to flash: yes" in err
+  assert "flash speed-up over lazy: " in err and "x (compile time not counted)" in err
+  lines = {line.split(":")[0]: line for line in err.splitlines()}
+  for strategy in ("flash", "lazy"):
+    assert "16 tokens in" in lines[strategy] and "tokens/s (1 call; compile" in lines[strategy]
+  # The second run reused the compiled flash program: no compile time counted for it.
+  assert "compile 0.0 s" in lines["flash"]
+
+
+def test_tokenizers():
+  dna = cli.CharacterTokenizer()
+  np.testing.assert_array_equal(dna.encode("AcGtN"), [7, 8, 9, 10, 11])
+  assert dna.decoder()(np.array([7, 11, 0, 6]), True) == "AN[CLS][UNK]"
+  with pytest.raises(ValueError, match="does not know: 'U'"):
+    dna.encode("ACGU")
+  decode = cli.ByteTokenizer().decoder()
+  snake = "é🐍".encode("utf-8")
+  # A character split between chunks comes out whole, once.
+  assert decode(np.frombuffer(snake[:3], np.uint8), False) == "é"
+  assert decode(np.frombuffer(snake[3:], np.uint8), True) == "🐍"
+  config = lcsm_jax.HyenaConfig(vocab_size=13)
+  with pytest.raises(ValueError, match="no tokenizer is known for a vocabulary of 13 ids"):
+    cli.tokenizer_for(config)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/no/such/checkpoint"], "error: no checkpoint at '/no/such/checkpoint'"),
+    (["--prompt", "x" * 1100], "error: the prompt (1100 tokens) and 200 new tokens need 1299 "
+     "positions, more than the model's maximum length l_max = 1024"),
+    (["--num_tokens", "1024", "--prompt", "ab"], "maximum length l_max = 1024"),
+    (["--prompt", ""], "error: the prompt is empty"),
+    (["--bogus"], "error: unrecognized arguments: --bogus"),
+    (["--top_p", "1.5"], "error: argument --top_p: must lie in (0, 1], got 1.5"),
+    (["--num_tokens", "0"], "error: argument --num_tokens: must be >= 1, got 0"),
+    (["--temperature", "nan"], "error: argument --temperature: expected a finite number"),
+    (["--strategy", "fast"], "error: argument --strategy: invalid choice: 'fast'"),
+    (["--tau", "big"], "error: argument --tau: expected one of auto, direct, fft, pallas"),
+])
+def test_errors_are_clean_messages(capsys, argv, message):
+  code, out, err = _run(capsys, *argv)
+  assert code == 2
+  assert message in err
+  assert err.rstrip().splitlines()[-1].startswith("lcsm-generate: error: ")
+  assert "Traceback" not in err
+  assert out == ""  # nothing printed before the input was checked
+
+
+def test_bad_checkpoint_directory(capsys, tmp_path, fixture_dir):
+  code, _, err = _run(capsys, "--checkpoint", str(tmp_path))
+  assert code == 2 and f"error: {tmp_path} holds none of the weight files" in err
+  (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+  code, _, err = _run(capsys, "--checkpoint", str(tmp_path))
+  assert code == 2 and "error: no config.json" in err
+  (tmp_path / "config.json").write_text((fixture_dir / "config.json").read_text())
+  code, _, err = _run(capsys, "--checkpoint", str(tmp_path))
+  assert code == 2 and "not a readable safetensors file" in err
+  assert "Traceback" not in err
+
+
+def test_help(capsys):
+  code, out, _ = _run(capsys, "--help")
+  assert code == 0
+  for flag in ("--checkpoint", "--prompt", "--num_tokens", "--temperature", "--top_k",
+               "--top_p", "--seed", "--strategy", "--tau", "--compare_lazy", "--chunk_tokens"):
+    assert flag in out
+
+
+def test_console_script_is_registered():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]
+  assert project["scripts"]["lcsm-generate"] == "lcsm_jax.cli:main"
+
+
+def test_subprocess_end_to_end():
+  result = subprocess.run(
+      [sys.executable, "-m", "lcsm_jax.cli", "--prompt", "class ", "--num_tokens", "12",
+       "--seed", "5"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("class ") and result.stdout.endswith("\n")
+  assert "flash: 12 tokens in" in result.stderr and "tokens/s" in result.stderr
+  assert "Traceback" not in result.stderr
