@@ -107,6 +107,18 @@ def _strip_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return dict(state)
 
 
+def _name_problems(want, got, noun: str) -> list[str]:
+  """Messages naming every key of `want` missing from `got` and every unexpected key."""
+  problems = []
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  if missing:
+    problems.append(f"missing {noun}: " + ", ".join(missing))
+  if unexpected:
+    problems.append(f"unexpected {noun}: " + ", ".join(unexpected))
+  return problems
+
+
 def _is_float(dtype: Any) -> bool:
   return jnp.issubdtype(dtype, jnp.floating)  # unlike NumPy's, also true for bfloat16
 
@@ -134,13 +146,7 @@ def params_from_state_dict(cfg: HyenaConfig, state: Mapping[str, Any]) -> Params
   state = _strip_prefix(arrays)
   head = state.pop("lm_head.weight", None)
   layout = _torch_layout(cfg)
-  problems = []
-  missing = sorted(set(layout) - set(state))
-  unexpected = sorted(set(state) - set(layout))
-  if missing:
-    problems.append("missing tensors: " + ", ".join(missing))
-  if unexpected:
-    problems.append("unexpected tensors: " + ", ".join(unexpected))
+  problems = _name_problems(layout, state, "tensors")
   for key in sorted(set(layout) & set(state)):
     shape = layout[key][0]
     if tuple(state[key].shape) != shape:
@@ -412,13 +418,7 @@ def check_params(config: HyenaConfig, params: Params) -> None:
     got = traverse_util.flatten_dict(params, sep="/")
   except Exception:
     raise CheckpointError("parameters must be a nested dict {'params': {...}}.") from None
-  problems = []
-  missing = sorted(set(want) - set(got))
-  unexpected = sorted(set(got) - set(want))
-  if missing:
-    problems.append("missing parameters: " + ", ".join(missing))
-  if unexpected:
-    problems.append("unexpected parameters: " + ", ".join(unexpected))
+  problems = _name_problems(want, got, "parameters")
   for key in sorted(set(want) & set(got)):
     shape = tuple(np.shape(got[key]))
     dtype = getattr(got[key], "dtype", None)
