@@ -1,0 +1,180 @@
+r"""Generation time and time per token against the sequence length L, every strategy.
+
+  python -m experiments.scaling                      # small default: L = 256 .. 1024
+  python -m experiments.scaling --lengths=1024,2048,4096,8192,16384,32768,65536 \
+      --flash_lengths=131072,262144,524288,1048576
+
+Every strategy runs at --lengths (lazy, recompute sampled and eager extrapolated where slow:
+`benchmarking.Sampling`); flash alone also at --flash_lengths. A length whose XLA memory
+estimate does not fit in the memory available (checked from --check_memory_above) is skipped
+and reported. One offline parallel forward is timed at every length as the reference.
+
+Writes --out (JSON: points, plus "fits": the exponent p of total time ~ L^p fitted between
+--fit_range for every strategy, flash's being the headline), the same table as CSV, and a
+log-log plot (PNG): time per token and total time against L; hollow markers are sampled or
+extrapolated points.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from experiments import benchmarking
+from lcsm_jax.engine import EngineOptions
+
+STRATEGIES = ("flash", "lazy", "eager", "recompute")
+COLOURS = {"flash": "C0", "lazy": "C1", "eager": "C2", "recompute": "C3", "forward": "k"}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  fv = dict(flag_values=flag_values)
+  benchmarking.define_model_flags(flag_values)
+  benchmarking.define_sampling_flags(flag_values)
+  flags.DEFINE_list("lengths", ["256", "512", "1024"], "Lengths L for every strategy.", **fv)
+  flags.DEFINE_list("flash_lengths", [], "Further lengths for flash only.", **fv)
+  flags.DEFINE_list("strategies", list(STRATEGIES), "Strategies.", **fv)
+  flags.DEFINE_list("fit_range", ["4096", "65536"], "Lengths between which the exponent is "
+                    "fitted.", **fv)
+  flags.DEFINE_integer("check_memory_above", 131072, "Lengths from this one are first "
+                       "compiled only, and skipped if XLA's memory estimate does not fit.", **fv)
+  flags.DEFINE_float("memory_fraction", 0.85, "Fraction of available memory a point may use.",
+                     **fv)
+  flags.DEFINE_string("out", str(benchmarking.RESULTS_DIR / "scaling.json"), "JSON output; "
+                      "the CSV and PNG are written beside it.", **fv)
+
+
+def fit_exponent(lengths, seconds, low: int, high: int) -> dict | None:
+  """Least-squares slope of log(seconds) against log(L) over low <= L <= high."""
+  pairs = [(n, s) for n, s in zip(lengths, seconds) if low <= n <= high and s > 0]
+  if len(pairs) < 2:
+    return None
+  x, y = np.log([p[0] for p in pairs]), np.log([p[1] for p in pairs])
+  slope, intercept = np.polyfit(x, y, 1)
+  return {"exponent": float(slope), "intercept": float(intercept),
+          "lengths": [p[0] for p in pairs]}
+
+
+def run_scaling(work_of, lengths, flash_lengths, strategies, tau, repeats: int,
+                sampling: benchmarking.Sampling, fit_range=(4096, 65536),
+                check_memory_above: int = 131072, memory_fraction: float = 0.85,
+                out=None) -> dict:
+  """Measures every (strategy, L); returns {"rows": [...], "fits": {...}, "skipped": [...]}.
+
+  work_of: L -> `benchmarking.Workload` of that length (max_length >= L).
+  """
+  store = benchmarking.Store(out)
+  options = EngineOptions(tau=tau)
+  plan = [(s, n) for n in lengths for s in strategies]
+  plan += [("flash", n) for n in flash_lengths if "flash" in strategies and n not in lengths]
+  rows, skipped = [], []
+  for length in sorted({n for _, n in plan}):
+    work = work_of(length)
+    base = dict(work.describe(), length=length, repeats=repeats)
+    todo = [s for s, n in plan if n == length]
+    if length >= check_memory_above:
+      estimate = store.run(benchmarking.key_of(**base, what="estimate", strategy="flash",
+                                               tau=tau),
+                           lambda: work.estimate("flash", length, options))
+      ok, why = benchmarking.fits_in_memory(estimate, memory_fraction)
+      if not ok:
+        logging.warning("L=%d skipped: %s", length, why)
+        skipped.append({"length": length, "reason": why})
+        continue
+    params = None
+
+    def get_params():
+      nonlocal params
+      if params is None:
+        params = work.params()
+      return params
+
+    def forward():
+      program = work.forward(get_params(), length)
+      seconds, _ = benchmarking.median_seconds(program.run, repeats)
+      return {"total_seconds": seconds, "compile_seconds": program.compile_seconds,
+              "xla_memory": program.memory, "method": "full", "sampled": False}
+
+    entry = store.run(benchmarking.key_of(**base, what="offline_forward"), forward)
+    rows.append(_row("forward", length, entry))
+    for strategy in todo:
+      key = dict(base, what="generate", strategy=strategy,
+                 tau=tau if strategy == "flash" else None,
+                 **benchmarking.sampling_key(sampling, strategy, length))
+      entry = store.run(benchmarking.key_of(**key), lambda s=strategy: (
+          benchmarking.measure_strategy(work, get_params(), s, length, options, repeats,
+                                        sampling)))
+      rows.append(_row(strategy, length, entry))
+  fits = {}
+  for strategy in list(strategies) + ["forward"]:
+    mine = sorted((r["length"], r["total_seconds"]) for r in rows if r["strategy"] == strategy)
+    fit = fit_exponent([m[0] for m in mine], [m[1] for m in mine], *fit_range)
+    if fit:
+      fits[strategy] = fit
+      logging.info("%s: total time ~ L^%.2f over L in %s", strategy, fit["exponent"],
+                   fit["lengths"])
+  store.set("fits", fits)
+  store.set("skipped", skipped)
+  json_path, csv_path, png_path = benchmarking.output_paths(store.path)
+  benchmarking.write_csv(csv_path, rows)
+  plot(rows, fits, png_path, title=benchmarking.key_of(**work_of(min(lengths or flash_lengths))
+                                                       .describe()))
+  logging.info("wrote %s, %s, %s", json_path, csv_path, png_path)
+  return {"rows": rows, "fits": fits, "skipped": skipped}
+
+
+def _row(strategy: str, length: int, entry: dict) -> dict:
+  return {"strategy": strategy, "length": length, "total_seconds": entry["total_seconds"],
+          "per_token_seconds": entry["total_seconds"] / max(length - 1, 1),
+          "method": entry.get("method", "full"), "compile_seconds": entry["compile_seconds"],
+          "xla_peak_bytes": entry.get("xla_memory", {}).get("peak_bytes")}
+
+
+def plot(rows, fits, path, title: str = "") -> None:
+  plt = benchmarking.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for strategy in dict.fromkeys(r["strategy"] for r in rows):
+    mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["length"])
+    n = [r["length"] for r in mine]
+    for ax, field in zip(axes, ("per_token_seconds", "total_seconds")):
+      values = [r[field] for r in mine]
+      label = "offline forward (per position)" if strategy == "forward" else strategy
+      if strategy in fits and field == "total_seconds":
+        label += f" (~L^{fits[strategy]['exponent']:.2f})"
+      ax.plot(n, values, "-", color=COLOURS.get(strategy), label=label)
+      full = [(a, b) for a, b, r in zip(n, values, mine) if r["method"] == "full"]
+      part = [(a, b) for a, b, r in zip(n, values, mine) if r["method"] != "full"]
+      if full:
+        ax.plot(*zip(*full), "o", color=COLOURS.get(strategy))
+      if part:
+        ax.plot(*zip(*part), "o", mfc="none", color=COLOURS.get(strategy))
+  for ax, name in zip(axes, ("time per token (s)", "total time (s)")):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel(name)
+    ax.grid(True, which="both", alpha=0.3)
+  if rows:
+    axes[1].legend(fontsize=8)
+  fig.suptitle(f"generation time vs L  {title}\n(hollow: sampled or extrapolated)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+  del argv
+  f = flag_values
+  lengths = [int(n) for n in f.lengths]
+  flash_lengths = [int(n) for n in f.flash_lengths]
+  run_scaling(lambda n: benchmarking.workload_from_flags(f, n), lengths, flash_lengths,
+              f.strategies, benchmarking.parse_tau(f.tau), f.repeats,
+              benchmarking.sampling_from_flags(f), tuple(int(n) for n in f.fit_range),
+              f.check_memory_above, f.memory_fraction, f.out)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

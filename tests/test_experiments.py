@@ -1,0 +1,251 @@
+"""Every measurement runner in experiments/ end to end at tiny sizes, into a temporary folder.
+
+Each runner's `main` is called with its flags parsed into a private `FlagValues` (the runners
+define their flags only when run as scripts, so importing all of them here cannot clash), and
+its JSON is checked for the promised keys and positive values. The tiny sizes say nothing about
+performance; they prove the runners work before the lead runs them at full size.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import flags
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from experiments import ablations  # pylint: disable=g-import-not-at-top
+from experiments import bench_generate
+from experiments import benchmarking
+from experiments import block_crossover
+from experiments import latency
+from experiments import long_run
+from experiments import memory
+from experiments import scaling
+
+TINY = ["--layers=2", "--width=4", "--tau=2", "--repeats=1"]
+
+
+def _run(module, out: pathlib.Path, *argv: str) -> dict:
+  fv = flags.FlagValues()
+  module.define_flags(fv)
+  fv(["runner", f"--out={out}", *argv])
+  module.main([], fv)
+  return json.loads(out.read_text())
+
+
+def _positive_numbers(tree, path="") -> list[str]:
+  """Paths of the numbers in `tree` that are not > 0 (booleans and ints like 0 excluded by
+  callers choosing the subtree)."""
+  bad = []
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      bad += _positive_numbers(v, f"{path}/{k}")
+  elif isinstance(tree, list):
+    for i, v in enumerate(tree):
+      bad += _positive_numbers(v, f"{path}[{i}]")
+  elif isinstance(tree, float) and not tree > 0:
+    bad.append(path)
+  return bad
+
+
+def test_bench_generate_stack_every_method(tmp_path, monkeypatch):
+  out = tmp_path / "bench.json"
+  argv = [*TINY, "--length=24", "--sample_above=16", "--sample_recompute_above=16",
+          "--eager_max=16", "--sample_positions=2", "--sample_steps=4",
+          "--bandwidth_megabytes=8"]
+  data = _run(bench_generate, out, *argv)
+  assert set(data) >= {"machine", "points", "results"}
+  assert data["machine"]["cpus"] >= 1 and data["machine"]["jax"]
+  (result,) = data["results"].values()
+  assert result["offline_forward"]["seconds"] > 0
+  assert result["read_bandwidth_bytes_per_second"] > 1e8
+  strategies = result["strategies"]
+  assert set(strategies) == {"flash", "lazy", "eager", "recompute"}
+  assert {s: e["method"] for s, e in strategies.items()} == {
+      "flash": "full", "lazy": "sampled", "eager": "extrapolated", "recompute": "sampled"}
+  for name, entry in strategies.items():
+    for field in ("total_seconds", "per_token_seconds", "compile_seconds", "speedup_vs_lazy",
+                  "vs_offline_forward", "peak_rss_bytes_so_far"):
+      assert entry[field] > 0, (name, field)
+    assert entry["per_token_seconds"] == pytest.approx(entry["total_seconds"] / 23)
+    assert entry["xla_memory"]["peak_bytes"] > 0
+  assert strategies["lazy"]["speedup_vs_lazy"] == 1.0
+  assert strategies["lazy"]["mixing_roofline_seconds"] > 0
+  assert strategies["flash"]["prepare_seconds"] > 0
+  assert len(strategies["lazy"]["sample_per_token_seconds"]) == 2
+  assert [b["bucket"] for b in strategies["recompute"]["buckets"]] == [24]
+  assert strategies["recompute"]["head_positions"] == 15
+  assert strategies["eager"]["fit_lengths"] == [8, 9, 16]
+
+  # A re-run measures nothing: every point is in the JSON already.
+  def fail(*args, **kwargs):
+    raise AssertionError("measured again")
+  monkeypatch.setattr(benchmarking, "measure_strategy", fail)
+  monkeypatch.setattr(benchmarking, "read_bandwidth", fail)
+  again = _run(bench_generate, out, *argv)
+  assert again["points"] == data["points"]
+
+
+def test_bench_generate_language_model(tmp_path):
+  data = _run(bench_generate, tmp_path / "lm.json", *TINY, "--model=lm", "--inner_width=8",
+              "--length=16", "--strategies=flash,lazy", "--bandwidth_megabytes=8")
+  (result,) = data["results"].values()
+  assert result["config"]["model"] == "lm" and result["config"]["streams"] == 2
+  for entry in result["strategies"].values():
+    assert entry["method"] == "full" and entry["total_seconds"] > 0
+    assert entry["vs_offline_forward"] > 0 and entry["speedup_vs_lazy"] > 0
+
+
+def test_scaling(tmp_path):
+  out = tmp_path / "scaling.json"
+  data = _run(scaling, out, *TINY, "--lengths=16", "--flash_lengths=32",
+              "--strategies=flash,lazy", "--fit_range=16,64", "--check_memory_above=32")
+  rows = list(csv_rows(out.with_suffix(".csv")))
+  assert {(r["strategy"], int(r["length"])) for r in rows} == {
+      ("forward", 16), ("forward", 32), ("flash", 16), ("flash", 32), ("lazy", 16)}
+  assert all(float(r["total_seconds"]) > 0 for r in rows)
+  assert data["fits"]["flash"]["lengths"] == [16, 32]
+  assert np.isfinite(data["fits"]["flash"]["exponent"])
+  assert data["skipped"] == []
+  estimates = [v for k, v in data["points"].items() if '"what":"estimate"' in k]
+  assert len(estimates) == 1 and estimates[0]["peak_bytes"] > 0
+  assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_scaling_skips_what_does_not_fit(tmp_path):
+  data = _run(scaling, tmp_path / "s.json", *TINY, "--lengths=", "--flash_lengths=32",
+              "--strategies=flash", "--check_memory_above=32", "--memory_fraction=1e-12")
+  assert data["skipped"][0]["length"] == 32 and "needs" in data["skipped"][0]["reason"]
+
+
+def test_block_crossover(tmp_path, monkeypatch):
+  monkeypatch.setenv("LCSM_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.delenv("LCSM_JAX_CROSSOVER", raising=False)
+  out = tmp_path / "crossover.json"
+  data = _run(block_crossover, out, "--layers=2", "--width=4", "--repeats=1", "--max_size=2",
+              "--length=16", "--taus=auto,fft,direct", "--max_direct_size=4", "--write_cache")
+  summary = data["summary"]
+  for timing in ("in_loop", "per_call"):
+    table = summary["tables"][timing]
+    assert sorted(table, key=int) == ["1", "2"]
+    assert all(v["fft"] > 0 for v in table.values())
+    assert summary["crossover"][timing] in (0, 1, 2)
+  # tau='auto' now reads what was written
+  assert summary["autotune_crossover"] == summary["crossover"]["in_loop"]
+  cache = json.loads((tmp_path / "cache" / "crossover.json").read_text())
+  (entry,) = cache.values()
+  assert entry["crossover"] == summary["crossover"]["in_loop"] and entry["channels"] == 8
+  assert "skipped" in summary["taus"]["direct"]  # direct blocks up to 8 > max_direct_size
+  for tau in ("auto", "fft"):
+    assert summary["taus"][tau]["total_seconds"] > 0
+  assert summary["best_tau"] in ("auto", "fft") and summary["auto_vs_best"] >= 1
+  assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_ablations(tmp_path):
+  out = tmp_path / "ablations.json"
+  data = _run(ablations, out, *TINY, "--inner_width=8", "--length=16", "--lm_length=16",
+              "--sweeps=layer_parallel,order", "--orders=3")
+  sweeps = data["sweeps"]
+  assert set(sweeps) == {"layer_parallel", "order"}
+  assert [r["value"] for r in sweeps["layer_parallel"]] == [True, False]
+  for row in sweeps["layer_parallel"]:
+    assert row["flash_seconds"] > 0 and "lazy_seconds" not in row
+  for row in sweeps["order"]:
+    assert row["flash_seconds"] > 0 and row["lazy_seconds"] > 0 and row["speedup_vs_lazy"] > 0
+  assert '"order":3' in "".join(data["points"])
+  assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_memory(tmp_path):
+  out = tmp_path / "memory.json"
+  data = _run(memory, out, *TINY, "--lengths=64", "--strategies=flash,lazy,eager,recompute",
+              "--rss_max_length=0")
+  rows = data["rows"]
+  assert [r["strategy"] for r in rows] == ["flash", "lazy", "eager", "recompute"]
+  for row in rows:
+    assert row["state_bytes"] > 0 and row["xla_peak_bytes"] > 0, row
+  flash = {r["length"]: r for r in rows if r["strategy"] == "flash"}
+  # flash keeps an input and a pending output per position, stream, row and channel
+  assert flash[64]["state_bytes_per_token_per_channel"] == pytest.approx(8, rel=0.1)
+  # one real run in a fresh process, for its peak resident set
+  rss = memory.measure_rss(benchmarking.Workload("stack", 2, 4, max_length=32), "recompute", 32,
+                           2)
+  assert rss["rss_peak_bytes"] >= rss["rss_before_run_bytes"] > 10 * 2**20
+  assert rss["rss_run"] == "positions [28, 32) after a prompt of 28"
+
+
+def test_latency(tmp_path):
+  out = tmp_path / "latency.json"
+  data = _run(latency, out, *TINY, "--length=32", "--passes=1")
+  (summary,) = data["points"].values()
+  for part in (summary["measured"], summary["in_loop"]["model"]):
+    assert part["max"] >= part["p99"] >= part["median"] > 0
+    assert 1 <= part["argmax_position"] <= 31
+  assert summary["in_loop"]["total_seconds"] > 0
+  assert set(summary["in_loop"]["block_seconds_per_size"]) == {"1", "2", "4", "8", "16"}
+  assert summary["per_block_size"]["16"]["positions"] == 1
+  assert summary["per_block_size"]["1"]["positions"] == 15
+  assert len(summary["spikes"]) == 10
+  rows = list(csv_rows(out.with_suffix(".csv")))
+  assert len(rows) == 31 and {int(r["block_size"]) for r in rows} == {0, 1, 2, 4, 8, 16}
+
+
+def test_long_run(tmp_path):
+  out = tmp_path / "long.json"
+  data = _run(long_run, out, "--model=stack", "--preset=tiny-1k", "--length=64",
+              "--eta_length=32", "--tau=2", "--lazy_max_position=32", "--lazy_steps=4",
+              "--bandwidth_megabytes=8")
+  (result,) = data["points"].values()
+  assert result["ran"]["model"] == "stack" and result["attempts"][0]["fits"]
+  assert result["flash"]["total_seconds"] > 0 and result["flash"]["tokens_per_second"] > 0
+  assert result["eta"]["predicted_seconds"] > 0
+  lazy = result["lazy_projection"]
+  assert lazy["projected_seconds"] > 0 and lazy["mixing_roofline_seconds"] > 0
+  assert result["projected_speedup_vs_lazy"] > 0
+  assert result["state_bytes_per_token"] > 0
+
+
+def test_long_run_reports_what_does_not_fit(tmp_path):
+  data = _run(long_run, tmp_path / "l.json", "--model=stack", "--preset=tiny-1k",
+              "--length=32", "--memory_fraction=1e-12", "--nofallback")
+  (result,) = data["points"].values()
+  assert "skipped" in result and not result["attempts"][0]["fits"]
+  assert result["attempts"][0]["estimate"]["peak_bytes"] > 0
+  # the fallback chain: the model, without precomputed spectra, then ever narrower stacks
+  chain = long_run.candidates("lm", "large-1m", 2**20, 1, "auto", True)
+  assert [(w.kind, w.width, o.precomputed_spectra) for w, o in chain] == [
+      ("lm", 256, True), ("lm", 256, False), ("stack", 256, True), ("stack", 128, True),
+      ("stack", 64, True), ("stack", 32, True), ("stack", 16, True)]
+
+
+def test_benchmarking_helpers(tmp_path):
+  assert benchmarking.lazy_bytes(4, streams=2, batch=1, width=3) == (1 + 2 + 3) * 2 * 3 * 4 * 2
+  assert benchmarking.recompute_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+  assert benchmarking.powers_of_two(3, 40) == [4, 8, 16, 32]
+  assert benchmarking.parse_tau("16") == 16 and benchmarking.parse_tau("auto") == "auto"
+  assert block_crossover.crossover_of({1: {"direct": 1, "fft": 2}, 2: {"direct": 3, "fft": 2},
+                                       4: {"direct": 1, "fft": 2}}) == 1
+  assert latency.lowbits(8).tolist() == [1, 2, 1, 4, 1, 2, 1, 0]
+  store = benchmarking.Store(tmp_path / "s.json")
+  calls = []
+  assert store.run("k", lambda: calls.append(1) or {"x": 1.0}) == {"x": 1.0}
+  assert benchmarking.Store(tmp_path / "s.json").run("k", lambda: calls.append(2)) == {"x": 1.0}
+  assert calls == [1]
+  # a store from another machine is set aside, not mixed with new points
+  data = json.loads((tmp_path / "s.json").read_text())
+  data["machine"]["cpus"] = -1
+  (tmp_path / "s.json").write_text(json.dumps(data))
+  assert benchmarking.Store(tmp_path / "s.json").get("k") is None
+  assert len(list(tmp_path.glob("s.json.*.other-machine"))) == 1
+
+
+def csv_rows(path):
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(path, newline="") as f:
+    yield from csv.DictReader(f)
