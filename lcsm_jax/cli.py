@@ -315,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "prompts may hold only A, C, G, T, N.")
   parser.add_argument("--num_tokens", type=_int_at_least(1), default=200,
                       help="Tokens to generate.")
-  parser.add_argument("--temperature", type=_float_in(0.0, math.inf, False), default=1.0,
+  parser.add_argument("--temperature", type=_float_in(0.0, math.inf, False), default=0.8,
                       help="Sampling temperature; 0 is greedy.")
-  parser.add_argument("--top_k", type=_int_at_least(1), default=None,
+  parser.add_argument("--top_k", type=_int_at_least(1), default=40,
                       help="Sample among the k most likely.")
   parser.add_argument("--top_p", type=_float_in(0.0, 1.0, True), default=None,
                       help="Sample among the smallest set of probability >= top_p.")
