@@ -83,11 +83,15 @@ class BlockConfig:
     layer_parallel: one batched call over all streams (True) or one call per stream (False).
     precomputed_spectra: FFT blocks read filter spectra computed once per model (True) or
       transform the filter slice inside every block (False; ablation only).
+    spectra_max_size: spectra are precomputed for FFT block sizes up to this one; larger
+      blocks (a few per generation) transform their filter slice themselves, so that the
+      tables stay small next to the filters (None: every size).
   """
 
   methods: tuple[tuple[int, str], ...]
   layer_parallel: bool = True
   precomputed_spectra: bool = True
+  spectra_max_size: int | None = None
 
   def __post_init__(self):
     for size, method in self.methods:
@@ -101,6 +105,13 @@ class BlockConfig:
   def fft_sizes(self) -> list[int]:
     return [size for size, method in self.methods if method == "fft"]
 
+  def precomputed_sizes(self) -> list[int]:
+    """FFT block sizes whose filter spectra `spectra_for` computes once per model."""
+    if not self.precomputed_spectra:
+      return []
+    limit = self.spectra_max_size
+    return [size for size in self.fft_sizes() if limit is None or size <= limit]
+
 
 PALLAS_MAX_SIZE = 256  # tau='pallas': the O(U^2) kernel up to here, FFT blocks above
 
@@ -108,7 +119,8 @@ PALLAS_MAX_SIZE = 256  # tau='pallas': the O(U^2) kernel up to here, FFT blocks 
 def block_config(sizes: Sequence[int], tau: str | int | Mapping[int, str],
                  *, crossover: Callable[[], int] | None = None,
                  pallas_crossover: Callable[[], int | None] | None = None,
-                 layer_parallel: bool = True, precomputed_spectra: bool = True) -> BlockConfig:
+                 layer_parallel: bool = True, precomputed_spectra: bool = True,
+                 spectra_max_size: int | None = None) -> BlockConfig:
   """Resolves the user's `tau` into an implementation per block size.
 
   Args:
@@ -145,21 +157,21 @@ def block_config(sizes: Sequence[int], tau: str | int | Mapping[int, str],
   else:
     raise ValueError(f"tau must be 'auto', 'direct', 'fft', 'pallas', an integer crossover or a "
                      f"mapping {{block size: method}}; got {tau!r}.")
-  return BlockConfig(tuple(sorted(methods.items())), layer_parallel, precomputed_spectra)
+  return BlockConfig(tuple(sorted(methods.items())), layer_parallel, precomputed_spectra,
+                     spectra_max_size)
 
 
 def spectra_for(taps: Array, config: BlockConfig) -> dict[int, Array]:
-  """Filter spectra {U: (S, D, U + 1)} for every FFT block size; taps (T, S, D)."""
-  if not config.precomputed_spectra:
-    return {}
-  return {size: filter_spectrum(taps, size) for size in config.fft_sizes()}
+  """Filter spectra {U: (S, D, U + 1)} for the precomputed FFT block sizes; taps (T, S, D)."""
+  return {size: filter_spectrum(taps, size) for size in config.precomputed_sizes()}
 
 
 def apply_block(config: BlockConfig, inputs: Array, taps: Array,
                 spectra: Mapping[int, Array], out_len: int) -> Array:
   """The block contribution for all streams: inputs (U, S, B, D) -> (out_len, S, B, D) float32.
 
-  taps: (>= 2U, S, D) (only the first 2U are read); spectra: from `spectra_for`.
+  taps: (T, S, D) (only the first 2U are read); spectra: from `spectra_for` (sizes missing
+  there transform their filter slice here).
   With `layer_parallel`, one call covers every stream (layers x convolutions), batch row and
   channel: the per-stream computation vectorised over the stacked stream axis, as `vmap` over
   streams would produce, but with the stream axis kept in place so that no transposes of the
@@ -174,7 +186,7 @@ def apply_block(config: BlockConfig, inputs: Array, taps: Array,
     one = lambda x, w: direct_block(x, w, out_len)
     stream_axis = 1
   else:
-    spectrum = spectra[size] if config.precomputed_spectra else filter_spectrum(taps, size)
+    spectrum = spectra[size] if size in spectra else filter_spectrum(taps, size)
     window = spectrum[:, None]                                         # (S, 1, D, U + 1)
     one = lambda x, w: fft_block(x, w, out_len)
     stream_axis = 0

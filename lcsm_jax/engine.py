@@ -39,13 +39,26 @@ class EngineOptions:
       per stream, for ablation).
     precomputed_spectra: flash FFT blocks use filter spectra computed once per model (False:
       transform the filter slice in every block, for ablation).
+    spectra_max_size: spectra are precomputed up to this block size (None: all). The few
+      larger blocks of a long generation transform their filter slice themselves, which keeps
+      the tables near the size of the filters (all sizes would cost twice the filters' bytes).
+    group_bytes: flash blocks whose input window exceeds this many bytes run in groups of one
+      stream and part of the channels, bounding their FFT temporaries.
     chunk: positions per inner iteration of the lazy and eager strategies.
   """
 
   tau: str | int | Mapping[int, str] = "auto"
   layer_parallel: bool = True
   precomputed_spectra: bool = True
+  spectra_max_size: int | None = 1 << 15
+  group_bytes: int = mixing.GROUP_BYTES
   chunk: int = 256
+
+  def __post_init__(self):
+    if self.spectra_max_size is not None and self.spectra_max_size < 1:
+      raise ValueError(f"spectra_max_size must be >= 1 or None, got {self.spectra_max_size}.")
+    if self.group_bytes < 0:
+      raise ValueError(f"group_bytes must be >= 0, got {self.group_bytes}.")
 
   @classmethod
   def create(cls, options: "EngineOptions | None" = None, **overrides) -> "EngineOptions":
@@ -74,18 +87,20 @@ def make_mixer(strategy: str, num_steps: int, channels: int, options: EngineOpti
   tau = options.tau
   tau = tuple(sorted(tau.items())) if isinstance(tau, Mapping) else tau
   blocks = _block_config(tuple(schedule.block_sizes(num_steps)), tau, channels,
-                         options.layer_parallel, options.precomputed_spectra)
-  return mixing.Flash(blocks)
+                         options.layer_parallel, options.precomputed_spectra,
+                         options.spectra_max_size)
+  return mixing.Flash(blocks, options.group_bytes)
 
 
 @functools.lru_cache(maxsize=256)
-def _block_config(sizes, tau, channels, layer_parallel, precomputed_spectra):
+def _block_config(sizes, tau, channels, layer_parallel, precomputed_spectra, spectra_max_size):
   from lcsm_jax import autotune  # measures only for tau='auto' when nothing is cached
   tau = dict(tau) if isinstance(tau, tuple) else tau
   return blocks_lib.block_config(
       sizes, tau, crossover=lambda: autotune.crossover(channels, max(sizes, default=1)),
       pallas_crossover=autotune.pallas_crossover,
-      layer_parallel=layer_parallel, precomputed_spectra=precomputed_spectra)
+      layer_parallel=layer_parallel, precomputed_spectra=precomputed_spectra,
+      spectra_max_size=spectra_max_size)
 
 
 @functools.partial(jax.jit, static_argnames=("online", "mixer", "total"))

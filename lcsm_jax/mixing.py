@@ -117,44 +117,107 @@ def _sum_rows(x: Array) -> Array:
 
 class FlashTables(NamedTuple):
   taps: Array                # (T, S, D)
-  spectra: dict[int, Array]  # {U: (S, D, U + 1)} for the FFT block sizes
+  spectra: dict[int, Array]  # {U: (S, D, U + 1)} for the precomputed FFT block sizes
 
 
 class FlashState(NamedTuple):
-  inputs: Array   # (M, S, B, D) inputs at online positions
-  outputs: Array  # (schedule.output_rows, S, B, D) pending outputs at online positions
+  """Rings of R = `schedule.ring_rows` rows; online position r lives in row r mod R."""
+
+  inputs: Array          # (R, S, B, D) inputs of the last R online positions
+  outputs: Array         # (R, S, B, D) pending block outputs of the next R positions
+  prompt_inputs: Array   # (P, S, B, D) for 0 < P <= DIRECT_PROMPT_MAX (else 0 rows): the
+                         # prompt's contribution is added at every step by P products
+  prompt_outputs: Array  # (M, S, B, D) the prompt's contribution to every online position, for
+                         # P > DIRECT_PROMPT_MAX (else 0 rows)
+
+
+GROUP_BYTES = 1 << 27  # blocks whose input window is larger run in groups (see Flash)
 
 
 @dataclasses.dataclass(frozen=True)
 class Flash:
-  """The tiled O(L log^2 L) schedule (see `schedule.py`)."""
+  """The tiled O(L log^2 L) schedule (see `schedule.py`).
+
+  Attributes:
+    blocks: how each block size is computed.
+    group_bytes: blocks whose (U, S, B, D) float32 input window exceeds this run in groups of
+      one stream and a power-of-two share of the channels (a window of at most this many bytes
+      where D allows), so that their FFT temporaries stay a fraction of the state.
+  """
 
   blocks: blocks_lib.BlockConfig
+  group_bytes: int = GROUP_BYTES
   name: str = "flash"
 
   def prepare(self, taps: Array) -> FlashTables:
     return FlashTables(taps, blocks_lib.spectra_for(taps, self.blocks))
 
   def init(self, tables: FlashTables, prompt_inputs: Array, num_steps: int) -> FlashState:
-    _, streams, batch, width = prompt_inputs.shape
-    rows = schedule.output_rows(schedule.FlashPlan(num_steps))
-    contribution = prompt_contribution(prompt_inputs, tables.taps, num_steps)
-    outputs = jnp.zeros((rows, streams, batch, width), jnp.float32)
-    return FlashState(
-        jnp.zeros((num_steps, streams, batch, width), jnp.float32),
-        lax.dynamic_update_slice_in_dim(outputs, contribution, 0, axis=0))
+    length, streams, batch, width = prompt_inputs.shape
+    rows = schedule.ring_rows(schedule.FlashPlan(num_steps))
+    zeros = lambda n: jnp.zeros((n, streams, batch, width), jnp.float32)
+    if 0 < length <= DIRECT_PROMPT_MAX:
+      prompt = (prompt_inputs.astype(jnp.float32), zeros(0))
+    else:
+      prompt = (zeros(0), prompt_contribution(prompt_inputs, tables.taps, num_steps))
+    return FlashState(zeros(rows), zeros(rows), *prompt)
 
-  def pending(self, tables, state: FlashState, r) -> Array:
-    return _read_row(state.outputs, r)
+  def pending(self, tables: FlashTables, state: FlashState, r) -> Array:
+    ring = state.outputs.shape[0]
+    out = _read_row(state.outputs, r % ring)
+    if state.prompt_outputs.shape[0]:
+      out = out + _read_row(state.prompt_outputs, r)
+    length = state.prompt_inputs.shape[0]
+    for s in range(length):  # the prompt's inputs times taps[P + r - s]
+      tap = lax.dynamic_index_in_dim(tables.taps, length + r - s, axis=0, keepdims=False)
+      out = out + state.prompt_inputs[s] * tap[:, None, :].astype(jnp.float32)
+    return out
 
   def record(self, tables, state: FlashState, r, inputs: Array) -> FlashState:
-    return state._replace(inputs=_write_row(state.inputs, r, inputs))
+    """Stores the inputs of position r and frees its (already read) pending-output row."""
+    ring = state.inputs.shape[0]
+    return state._replace(inputs=_write_row(state.inputs, r % ring, inputs),
+                          outputs=_write_row(state.outputs, r % ring, jnp.zeros_like(inputs)))
 
-  def block(self, tables: FlashTables, state: FlashState, level: int, end, out_len: int):
+  def block(self, tables: FlashTables, state: FlashState, level: int, end, out_len: int,
+            trip=0):
+    """Adds the block of size 2^level whose inputs end at online position `end`.
+
+    trip: the index (always 0) of the 0-or-1-trip loop that runs the block. A block as large
+    as the ring reads the whole ring, whatever `end`; its window is scaled by (1 + trip) = 1 so
+    that it still depends on the loop and XLA cannot hoist its transforms out of it (which would
+    run them at every token)."""
     size = 1 << level
-    window = lax.dynamic_slice_in_dim(state.inputs, end - size, size, axis=0)
-    contribution = blocks_lib.apply_block(self.blocks, window, tables.taps, tables.spectra, out_len)
-    return state._replace(outputs=_add_rows(state.outputs, end, contribution))
+    ring, streams, batch, width = state.inputs.shape
+    first, target = (end - size) % ring, end % ring
+    if size * streams * batch * width * 4 <= self.group_bytes:
+      window = lax.dynamic_slice_in_dim(state.inputs, first, size, axis=0)
+      if size == ring:
+        window = window * jnp.asarray(1 + trip, window.dtype)
+      contribution = blocks_lib.apply_block(self.blocks, window, tables.taps[:2 * size],
+                                            tables.spectra, out_len)
+      return state._replace(outputs=_add_rows(state.outputs, target, contribution))
+
+    # Groups of one stream and `chunk` channels (the widest power-of-two share of D that fits).
+    chunk = width
+    while chunk % 2 == 0 and size * batch * chunk * 4 > self.group_bytes:
+      chunk //= 2
+    per_stream = width // chunk
+
+    def one_group(g, outputs):
+      s, c = g // per_stream, (g % per_stream) * chunk
+      window = lax.dynamic_slice(state.inputs, (first, s, 0, c), (size, 1, batch, chunk))
+      # sliced from the whole table here: a slice taken outside this loop would be a copy
+      group_taps = lax.dynamic_slice(tables.taps, (0, s, c),
+                                     (min(2 * size, tables.taps.shape[0]), 1, chunk))
+      spectra = {size: lax.dynamic_slice(tables.spectra[size], (s, c, 0), (1, chunk, size + 1))
+                 } if size in tables.spectra else {}
+      contribution = blocks_lib.apply_block(self.blocks, window, group_taps, spectra, out_len)
+      current = lax.dynamic_slice(outputs, (target, s, 0, c), (out_len, 1, batch, chunk))
+      return lax.dynamic_update_slice(outputs, current + contribution, (target, s, 0, c))
+
+    return state._replace(outputs=lax.fori_loop(0, streams * per_stream, one_group,
+                                                state.outputs))
 
   def update(self, tables: FlashTables, state: FlashState, r, inputs: Array,
              plan: schedule.FlashPlan) -> FlashState:
@@ -165,7 +228,7 @@ class Flash:
       # A loop of zero or one trip per level; its body depends on the trip index j (always 0)
       # so that XLA cannot hoist the block out of the token loop.
       block = lambda j, s, level=level: self.block(tables, s, level, i + j,
-                                                   plan.rows_written(level))
+                                                   plan.rows_written(level), j)
       state = lax.fori_loop(0, plan.runs_block(level, i).astype(jnp.int32), block, state)
     return state
 

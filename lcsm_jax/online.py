@@ -60,14 +60,28 @@ class HyenaOnline:
     return params["params"]["stack"]["blocks"]
 
   def filters(self, params: Params, length: int) -> tuple[Array, Array]:
+    """One layer at a time, written in place into the (T, S, D) table: the implicit filter's
+    temporaries at T = 2^20 are several times the table, so computing all layers at once would
+    need several times the memory of the filters themselves."""
     cfg = self.config
     block = HyenaBlock(cfg)
-    h, skip = jax.vmap(
-        lambda p: block.apply({"params": p}, length, method=HyenaBlock.filters)
-    )(self._blocks(params))  # (layers, T, N - 1, D), (layers, N - 1, D)
-    taps = jnp.swapaxes(h, 0, 1).reshape(length, cfg.num_streams, cfg.d_model)
-    diagonal = (h[:, 0] + skip).reshape(cfg.num_streams, cfg.d_model)
-    return taps.astype(jnp.float32), diagonal.astype(jnp.float32)
+    blocks = self._blocks(params)
+    per_layer = cfg.num_streams // cfg.n_layer
+
+    def one_layer(layer, carry):
+      taps, diagonal = carry
+      p = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, layer, keepdims=False), blocks)
+      h, skip = block.apply({"params": p}, length, method=HyenaBlock.filters)  # (T, N-1, D)
+      taps = lax.dynamic_update_slice(taps, h.astype(jnp.float32)[:, None], (0, layer, 0, 0))
+      diagonal = lax.dynamic_update_index_in_dim(diagonal, (h[0] + skip).astype(jnp.float32),
+                                                 layer, axis=0)
+      return taps, diagonal
+
+    taps = jnp.zeros((length, cfg.n_layer, per_layer, cfg.d_model), jnp.float32)
+    diagonal = jnp.zeros((cfg.n_layer, per_layer, cfg.d_model), jnp.float32)
+    taps, diagonal = lax.fori_loop(0, cfg.n_layer, one_layer, (taps, diagonal))
+    return (taps.reshape(length, cfg.num_streams, cfg.d_model),
+            diagonal.reshape(cfg.num_streams, cfg.d_model))
 
   def forward(self, params: Params, tokens: Array) -> Array:
     """tokens (B, L) -> logits (B, L, padded_vocab)."""

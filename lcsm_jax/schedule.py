@@ -8,8 +8,14 @@ Every pair r' < r'' < M is covered exactly once; the diagonal r' = r'' is added 
 The compiled token loop holds one copy of the block code per block size (level k, U = 2^k),
 guarded by `i % 2U == U`, so compile time grows with log M, not with M. Outputs past M are
 never read: the top level (one block, at i = 2^(K-1)) is truncated to M - 2^(K-1) rows, and the
-other levels write whole blocks into `output_rows(plan)` rows (< 1.5 M; M when M is a power of
-two).
+other levels write whole blocks, whose rows past M are never read.
+
+Memory: both the stored inputs and the pending outputs live in ring buffers of
+`ring_rows(plan)` = 2^(K-1) rows (the largest block size; M/2 when M is a power of two),
+position r in row r mod 2^(K-1). Every block's rows are contiguous there (blocks are aligned to
+their size, which divides the ring), a block's inputs [i - U, i) are never overwritten before it
+reads them (U <= 2^(K-1)), and the pending positions at any time span fewer than 2^(K-1) rows
+(`ring_conflicts` checks both by replaying the plan).
 """
 
 from __future__ import annotations
@@ -75,11 +81,36 @@ def simulate(plan: FlashPlan) -> list[tuple]:
   return events
 
 
-def output_rows(plan: FlashPlan) -> int:
-  """Rows the pending-output buffer needs: M, plus what whole blocks write past M."""
-  rows = plan.num_steps
-  for level in range(plan.num_levels):
+def ring_rows(plan: FlashPlan) -> int:
+  """Rows of the input and pending-output ring buffers: the largest block size (at least 1)."""
+  return 1 << max(plan.num_levels - 1, 0)
+
+
+def ring_conflicts(plan: FlashPlan, rows: int | None = None) -> list[str]:
+  """Replays the plan on rings of `rows` rows (default `ring_rows`) and lists every violation:
+  a block whose rows wrap around, an input overwritten before a block reads it, or a pending
+  output written over another position's unread one. Empty when the rings are large enough.
+  """
+  rows = ring_rows(plan) if rows is None else rows
+  m, problems = plan.num_steps, []
+  inputs: dict[int, int] = {}   # ring row -> position stored there
+  pending: dict[int, int] = {}  # ring row -> position whose output accumulates there
+  for event in simulate(plan):
+    if event[0] == "step":
+      r = event[1]
+      if pending.get(r % rows, r) != r:
+        problems.append(f"step {r} reads row {r % rows}, which holds position {pending[r % rows]}")
+      pending.pop(r % rows, None)
+      inputs[r % rows] = r
+      continue
+    _, level, end, written = event
     size = 1 << level
-    last = size + (plan.num_steps - 1 - size) // (2 * size) * (2 * size)  # last i < M running it
-    rows = max(rows, last + plan.rows_written(level))
-  return rows
+    if (end - size) % rows + size > rows or end % rows + written > rows:
+      problems.append(f"block {size} at {end} wraps around the ring")
+    for s in range(end - size, end):
+      if inputs.get(s % rows) != s:
+        problems.append(f"block {size} at {end} reads input {s}, overwritten")
+    for t in range(end, min(end + written, m)):
+      if pending.setdefault(t % rows, t) != t:
+        problems.append(f"block {size} at {end} writes {t} over pending {pending[t % rows]}")
+  return problems

@@ -49,6 +49,9 @@ def test_rollout_matches_direct_forward(strategy, layers, width, batch, prompt_l
     dict(tau="direct"), dict(tau="fft"), dict(tau=2), dict(tau={1: "fft", 2: "direct", 4: "fft",
     8: "direct", 16: "fft", 32: "direct", 64: "fft"}), dict(tau=1, layer_parallel=False),
     dict(tau=1, precomputed_spectra=False),
+    dict(tau=2, spectra_max_size=8),                 # large blocks transform their filters
+    dict(tau=4, group_bytes=0, spectra_max_size=16),  # every block stream by stream
+    dict(tau="direct", group_bytes=0),
 ])
 def test_flash_options_give_the_same_result(options):
   stack = synthetic.ConvStack(2, 6, 100)
@@ -69,6 +72,10 @@ def test_rollout_rejects_bad_input():
     synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, strategy="fastest")
   with pytest.raises(TypeError, match="unknown engine option"):
     synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, tua=3)
+  with pytest.raises(ValueError, match="spectra_max_size"):
+    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, spectra_max_size=0)
+  with pytest.raises(ValueError, match="group_bytes"):
+    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, group_bytes=-1)
 
 
 def test_flash_with_pallas_blocks_is_exact():

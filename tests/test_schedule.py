@@ -13,7 +13,6 @@ def _check_plan(plan):
   steps_done = 0
   cover = {}
   sizes = set()
-  max_row = m
   for event in schedule.simulate(plan):
     if event[0] == "step":
       assert event[1] == steps_done, "steps must run in order"
@@ -24,7 +23,6 @@ def _check_plan(plan):
     sizes.add(size)
     assert end == steps_done, "a block runs right after the step that completes its inputs"
     assert end - size >= 0 and 1 <= rows <= size
-    max_row = max(max_row, end + rows)
     for s in range(end - size, end):
       for t in range(end, min(end + rows, m)):
         cover[(s, t)] = cover.get((s, t), 0) + 1
@@ -33,7 +31,7 @@ def _check_plan(plan):
   assert set(cover) == expected
   assert all(count == 1 for count in cover.values()), "a pair was covered twice"
   assert sizes == set(plan.block_sizes), (sizes, plan.block_sizes)
-  assert schedule.output_rows(plan) == max_row
+  assert schedule.ring_conflicts(plan) == []
 
 
 LENGTHS = list(range(0, 130)) + [255, 256, 257, 300, 511, 777, 1000, 1023, 1024, 1025]
@@ -57,11 +55,18 @@ def test_block_sizes_grow_logarithmically():
     assert schedule.FlashPlan(m).block_sizes == [1 << k for k in range(levels)]
 
 
-def test_output_buffer_is_small():
+def test_ring_buffers_hold_half_the_positions():
   for k in range(1, 21):
-    assert schedule.output_rows(schedule.FlashPlan(1 << k)) == 1 << k
+    assert schedule.ring_rows(schedule.FlashPlan(1 << k)) == 1 << (k - 1)
   for m in [3, 100, 218, 1000, 1025, (1 << 20) + 1, 3 << 18]:
-    assert m <= schedule.output_rows(schedule.FlashPlan(m)) < 1.5 * m
+    assert m / 2 <= schedule.ring_rows(schedule.FlashPlan(m)) < m
+  assert schedule.ring_rows(schedule.FlashPlan(0)) == schedule.ring_rows(schedule.FlashPlan(1)) == 1
+
+
+@pytest.mark.parametrize("num_steps", [3, 4, 5, 17, 64, 100, 257])
+def test_a_smaller_ring_is_caught(num_steps):
+  plan = schedule.FlashPlan(num_steps)
+  assert schedule.ring_conflicts(plan, schedule.ring_rows(plan) // 2)
 
 
 def test_block_predicate_matches_lowbit():
