@@ -56,14 +56,22 @@ def prompt_contribution(prompt_inputs: Array, taps: Array, num_steps: int) -> Ar
   if length == 0 or num_steps == 0:
     return jnp.zeros((num_steps, streams, batch, width), jnp.float32)
   if length <= DIRECT_PROMPT_MAX:  # a few shifted products beat transforms of size P + M
-    window = lambda s: taps[length - s:length - s + num_steps, :, None, :].astype(jnp.float32)
-    return sum(prompt_inputs[s].astype(jnp.float32) * window(s) for s in range(length))
+    return prompt_products(prompt_inputs, taps, 0, num_steps)
   total = length + num_steps
   n = convolution.fft_length(total)
   x = jnp.fft.rfft(jnp.moveaxis(prompt_inputs.astype(jnp.float32), 0, -1), n=n)  # (S, B, D, F)
   h = jnp.fft.rfft(jnp.moveaxis(taps[:total].astype(jnp.float32), 0, -1), n=n)   # (S, D, F)
   y = jnp.fft.irfft(x * h[:, None], n=n)[..., length:total]
   return jnp.moveaxis(y, -1, 0)
+
+
+def prompt_products(prompt_inputs: Array, taps: Array, start, rows: int) -> Array:
+  """Rows [start, start + rows) of `prompt_contribution` by P shifted products (short prompts):
+  (rows, S, B, D) float32. `start` may be traced."""
+  length = prompt_inputs.shape[0]
+  window = lambda s: lax.dynamic_slice_in_dim(taps, length + start - s, rows, axis=0)
+  return sum(prompt_inputs[s].astype(jnp.float32) * window(s)[:, :, None, :].astype(jnp.float32)
+             for s in range(length))
 
 
 def _read_row(buffer: Array, r: Array) -> Array:
@@ -167,10 +175,8 @@ class Flash:
     out = _read_row(state.outputs, r % ring)
     if state.prompt_outputs.shape[0]:
       out = out + _read_row(state.prompt_outputs, r)
-    length = state.prompt_inputs.shape[0]
-    for s in range(length):  # the prompt's inputs times taps[P + r - s]
-      tap = lax.dynamic_index_in_dim(tables.taps, length + r - s, axis=0, keepdims=False)
-      out = out + state.prompt_inputs[s] * tap[:, None, :].astype(jnp.float32)
+    if state.prompt_inputs.shape[0]:
+      out = out + prompt_products(state.prompt_inputs, tables.taps, r, 1)[0]
     return out
 
   def record(self, tables, state: FlashState, r, inputs: Array) -> FlashState:
@@ -194,8 +200,8 @@ class Flash:
       window = lax.dynamic_slice_in_dim(state.inputs, first, size, axis=0)
       if size == ring:
         window = window * jnp.asarray(1 + trip, window.dtype)
-      contribution = blocks_lib.apply_block(self.blocks, window, tables.taps[:2 * size],
-                                            tables.spectra, out_len)
+      contribution = blocks_lib.apply_block(self.blocks, window, tables.taps, tables.spectra,
+                                            out_len)
       return state._replace(outputs=_add_rows(state.outputs, target, contribution))
 
     # Groups of one stream and `chunk` channels (the widest power-of-two share of D that fits).
