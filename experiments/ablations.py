@@ -140,9 +140,7 @@ def plot(results, path, base, length: int) -> None:
     ax.axis("off")
   fig.suptitle(f"ablations around {benchmarking.key_of(**base.describe())}, L = {length}; "
                "labels: flash speedup over lazy", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  benchmarking.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):

@@ -227,9 +227,7 @@ def plot(tables, crossover, runs, path, summary) -> None:
   ax.set_xlabel("tau (largest direct block; fft: none)")
   ax.set_ylabel("flash generation time (s)")
   ax.set_title(f"flash, L = {summary['length']}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  benchmarking.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):

@@ -231,9 +231,7 @@ def plot(measured, model, sizes, per_class, path, config) -> None:
   ax.set_ylabel("latency (us)")
   ax.legend(fontsize=7)
   ax.grid(True, which="both", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  benchmarking.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):

@@ -151,16 +151,10 @@ def plot(rows, path, title: str) -> None:
     axes[1].plot(n, [r["state_bytes_per_token"] for r in mine], "-o", ms=3, color=colour,
                  label=strategy)
   for ax, name in zip(axes, ("peak bytes", "state bytes per token")):
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length L")
-    ax.set_ylabel(name)
-    ax.grid(True, which="both", alpha=0.3)
+    benchmarking.log_length_axes(ax, name)
     ax.legend(fontsize=7)
   fig.suptitle(f"generation memory vs L  {title}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  benchmarking.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):

@@ -151,17 +151,11 @@ def plot(rows, fits, path, title: str = "") -> None:
       if part:
         ax.plot(*zip(*part), "o", mfc="none", color=COLOURS.get(strategy))
   for ax, name in zip(axes, ("time per token (s)", "total time (s)")):
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length L")
-    ax.set_ylabel(name)
-    ax.grid(True, which="both", alpha=0.3)
+    benchmarking.log_length_axes(ax, name)
   if rows:
     axes[1].legend(fontsize=8)
   fig.suptitle(f"generation time vs L  {title}\n(hollow: sampled or extrapolated)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  benchmarking.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
