@@ -46,7 +46,7 @@ from lcsm_jax.model import HyenaLM, init_params
 from lcsm_jax.online import HyenaOnline
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-MACHINE_KEYS = ("processor", "cpus", "jax", "backend", "device")  # a store from another
+MACHINE_KEYS = ("processor", "cpu_model", "cpus", "jax", "backend", "device")  # a store from another
 # machine (any of these differ) is set aside, not mixed with new points
 
 
@@ -55,11 +55,24 @@ MACHINE_KEYS = ("processor", "cpus", "jax", "backend", "device")  # a store from
 
 def machine() -> dict[str, Any]:
   """What the numbers were measured on."""
-  return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+  return {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+          "cpus": os.cpu_count(),
           "platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind,
           "memory_bytes": total_memory_bytes()}
+
+
+def cpu_model() -> str:
+  """The CPU's marketing name ("model name" in /proc/cpuinfo), else the platform's processor:
+  two x86-64 machines with different CPUs must not share a result store."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def total_memory_bytes() -> int | None:
@@ -160,7 +173,9 @@ class Store:
     data = json.loads(self.path.read_text()) if self.path.exists() else {}
     old = data.get("machine", {})
     if data and any(old.get(k) != here.get(k) for k in MACHINE_KEYS):
-      aside = self.path.with_name(self.path.name + f".{int(time.time())}.other-machine")
+      stamp = int(time.time())
+      while (aside := self.path.with_name(f"{self.path.name}.{stamp}.other-machine")).exists():
+        stamp += 1  # never overwrite an earlier set-aside store
       logging.warning("%s was measured on another machine (%s); moved to %s", self.path,
                       {k: old.get(k) for k in MACHINE_KEYS}, aside)
       self.path.rename(aside)

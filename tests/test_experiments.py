@@ -244,6 +244,14 @@ def test_benchmarking_helpers(tmp_path):
   (tmp_path / "s.json").write_text(json.dumps(data))
   assert benchmarking.Store(tmp_path / "s.json").get("k") is None
   assert len(list(tmp_path.glob("s.json.*.other-machine"))) == 1
+  # ... and so is one from another CPU model with the same architecture and core count
+  benchmarking.Store(tmp_path / "s.json").run("k", lambda: {"x": 2.0})
+  data = json.loads((tmp_path / "s.json").read_text())
+  assert data["machine"]["cpu_model"] == benchmarking.cpu_model() != ""
+  data["machine"]["cpu_model"] = "another CPU"
+  (tmp_path / "s.json").write_text(json.dumps(data))
+  assert benchmarking.Store(tmp_path / "s.json").get("k") is None
+  assert len(list(tmp_path.glob("s.json.*.other-machine"))) == 2
 
 
 def csv_rows(path):
