@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from lcsm_jax import autotune
 from lcsm_jax import config as config_lib
 from lcsm_jax import engine
 from lcsm_jax import generation
@@ -55,24 +56,12 @@ MACHINE_KEYS = ("processor", "cpu_model", "cpus", "jax", "backend", "device")  #
 
 def machine() -> dict[str, Any]:
   """What the numbers were measured on."""
-  return {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+  return {"processor": platform.processor() or platform.machine(), "cpu_model": autotune.cpu_model(),
           "cpus": os.cpu_count(),
           "platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind,
           "memory_bytes": total_memory_bytes()}
-
-
-def cpu_model() -> str:
-  """The CPU's marketing name ("model name" in /proc/cpuinfo), else the platform's processor:
-  two x86-64 machines with different CPUs must not share a result store."""
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def total_memory_bytes() -> int | None:

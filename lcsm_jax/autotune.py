@@ -1,7 +1,7 @@
 """Measuring, per machine, the largest block size for which the direct block beats the FFT block.
 
 `tau='auto'` uses `crossover(channels, max_size)`: read from a JSON cache when this backend,
-device and channel count were measured before, else measured now (a few seconds) and cached.
+device (on CPU: CPU model) and channel count were measured before, else measured now (a few seconds) and cached.
 The cache lives in `$LCSM_JAX_CACHE_DIR` (default `~/.cache/lcsm_jax`); set
 `LCSM_JAX_CROSSOVER=<int>` to skip measuring altogether.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import platform
 import statistics
 import time
 
@@ -32,10 +33,23 @@ def cache_path() -> pathlib.Path:
   return pathlib.Path(root) / "crossover.json"
 
 
+def cpu_model() -> str:
+  """The CPU's name ("model name" in /proc/cpuinfo), else the platform's processor: a cache
+  or a result measured on one CPU must not be read on another."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def _cache_key(channels: int) -> str:
   device = jax.devices()[0]
+  kind = cpu_model() if device.platform == "cpu" else device.device_kind
   bucket = 1 << max(channels - 1, 0).bit_length()  # channels rounded up to a power of two
-  return f"{jax.default_backend()}|{device.device_kind}|channels<={bucket}"
+  return f"{jax.default_backend()}|{kind}|channels<={bucket}"
 
 
 def time_block(method: str, size: int, channels: int, repeats: int = 5) -> float:

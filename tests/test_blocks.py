@@ -1,5 +1,7 @@
 """Block operations (direct, FFT, batched over streams or not) against a float64 middle product."""
 
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -85,3 +87,20 @@ def test_auto_uses_pallas_only_with_a_measured_table():
   assert table == {1: "pallas", 2: "pallas", 4: "pallas", 8: "pallas", 16: "fft", 512: "fft"}
   pallas = dict(blocks.block_config(sizes, "pallas").methods)
   assert pallas[16] == "pallas" and pallas[512] == "fft"
+
+
+def test_crossover_cache_is_per_cpu_model(tmp_path, monkeypatch):
+  """A crossover cached on another CPU model is not used here; one cached here is."""
+  from lcsm_jax import autotune  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("LCSM_JAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.delenv("LCSM_JAX_CROSSOVER", raising=False)
+  measured = []
+  monkeypatch.setattr(autotune, "measure_crossover",
+                      lambda channels: measured.append(channels) or {"crossover": 16})
+  here = autotune._cache_key(300)  # pylint: disable=protected-access
+  assert autotune.cpu_model() in here and here.endswith("channels<=512")
+  other = here.replace(autotune.cpu_model(), "another CPU")
+  autotune.cache_path().write_text(json.dumps({other: {"crossover": 2}}))
+  assert autotune.crossover(300) == 16 and measured == [300]
+  assert json.loads(autotune.cache_path().read_text())[other] == {"crossover": 2}
+  assert autotune.crossover(300) == 16 and measured == [300]  # now read from the cache

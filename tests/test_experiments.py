@@ -22,10 +22,12 @@ from experiments import ablations  # pylint: disable=g-import-not-at-top
 from experiments import bench_generate
 from experiments import benchmarking
 from experiments import block_crossover
+from experiments import headline
 from experiments import latency
 from experiments import long_run
 from experiments import memory
 from experiments import scaling
+from lcsm_jax import autotune
 
 TINY = ["--layers=2", "--width=4", "--tau=2", "--repeats=1"]
 
@@ -99,6 +101,37 @@ def test_bench_generate_language_model(tmp_path):
   for entry in result["strategies"].values():
     assert entry["method"] == "full" and entry["total_seconds"] > 0
     assert entry["vs_offline_forward"] > 0 and entry["speedup_vs_lazy"] > 0
+
+
+def test_headline_table_rows(tmp_path):
+  stack = _run(bench_generate, tmp_path / "bench_generate_stack_24.json", *TINY,
+               "--length=24", "--strategies=flash,lazy,recompute", "--bandwidth_megabytes=8")
+  lm = _run(bench_generate, tmp_path / "bench_generate_lm_16.json", *TINY, "--model=lm",
+            "--inner_width=8", "--length=16", "--strategies=flash",
+            "--bandwidth_megabytes=8")
+  lines = headline.table(headline.result_files(tmp_path)).splitlines()
+  assert lines[0] == headline.HEADER.splitlines()[0] and len(lines) == 4
+  (result,) = stack["results"].values()
+  runs = result["strategies"]
+  cells = [c.strip() for c in lines[2].strip("|").split("|")]
+  assert cells[:2] == ["mixing-only stack, 2 layers x 4 channels", "24"]
+  flash = runs["flash"]["total_seconds"]
+  assert cells[4] == headline.ratio(flash / result["offline_forward"]["seconds"])
+  assert cells[6] == f"**{headline.ratio(runs['lazy']['total_seconds'] / flash)}**"
+  assert cells[7].startswith(headline.ratio(runs["recompute"]["total_seconds"] / flash))
+  lm_cells = [c.strip() for c in lines[3].strip("|").split("|")]
+  assert lm_cells[0] == "Hyena LM, d_model 4, 2 layers, d_inner 8" and lm_cells[5:] == [""] * 3
+  assert headline.machines(headline.result_files(tmp_path)) == {autotune.cpu_model()}
+  assert headline.seconds(0.15108) == "0.151 s" and headline.seconds(1557.2) == "1557 s"
+  assert headline.per_token(1.4e-4) == "140 us/token" and headline.ratio(8.329) == "8.33x"
+
+
+def test_readme_headline_table_is_the_committed_results():
+  """README.md's table is the one `python -m experiments.headline` makes from the JSON."""
+  text = headline.README.read_text("utf-8")
+  assert headline.readme_table(text) == headline.table(headline.result_files())
+  assert headline.replace_in(text, "T") != text and headline.readme_table(
+      headline.replace_in(text, "T")) == "T"
 
 
 def test_scaling(tmp_path):
@@ -247,7 +280,7 @@ def test_benchmarking_helpers(tmp_path):
   # ... and so is one from another CPU model with the same architecture and core count
   benchmarking.Store(tmp_path / "s.json").run("k", lambda: {"x": 2.0})
   data = json.loads((tmp_path / "s.json").read_text())
-  assert data["machine"]["cpu_model"] == benchmarking.cpu_model() != ""
+  assert data["machine"]["cpu_model"] == autotune.cpu_model() != ""
   data["machine"]["cpu_model"] = "another CPU"
   (tmp_path / "s.json").write_text(json.dumps(data))
   assert benchmarking.Store(tmp_path / "s.json").get("k") is None
