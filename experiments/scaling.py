@@ -3,6 +3,8 @@ r"""Generation time and time per token against the sequence length L, every stra
   python -m experiments.scaling                      # small default: L = 256 .. 1024
   python -m experiments.scaling --lengths=1024,2048,4096,8192,16384,32768,65536 \
       --flash_lengths=131072,262144,524288,1048576
+  python -m experiments.scaling --model=lm --out=experiments/results/scaling_lm.json \
+      --replot --long_run=experiments/results/long_run.json   # redraw, adding the long run
 
 Every strategy runs at --lengths (lazy, recompute sampled and eager extrapolated where slow:
 `benchmarking.Sampling`); flash alone also at --flash_lengths. A length whose XLA memory
@@ -12,10 +14,16 @@ and reported. One offline parallel forward is timed at every length as the refer
 Writes --out (JSON: points, plus "fits": the exponent p of total time ~ L^p fitted between
 --fit_range for every strategy, flash's being the headline), the same table as CSV, and a
 log-log plot (PNG): time per token and total time against L; hollow markers are sampled or
-extrapolated points.
+extrapolated points. --long_run adds `long_run.py`'s flash run (one run, e.g. 2^20 tokens) as
+a star when it ran the same model; --replot redraws the PNG from the CSV and JSON already
+written (measuring nothing, whichever machine they came from).
 """
 
 from __future__ import annotations
+
+import csv
+import json
+import pathlib
 
 from absl import app
 from absl import flags
@@ -27,6 +35,7 @@ from lcsm_jax.engine import EngineOptions
 
 STRATEGIES = ("flash", "lazy", "eager", "recompute")
 COLOURS = {"flash": "C0", "lazy": "C1", "eager": "C2", "recompute": "C3", "forward": "k"}
+LONG_RUN = "flash, long run"
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -44,6 +53,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                      **fv)
   flags.DEFINE_string("out", str(benchmarking.RESULTS_DIR / "scaling.json"), "JSON output; "
                       "the CSV and PNG are written beside it.", **fv)
+  flags.DEFINE_string("long_run", "", "A long_run.py JSON whose flash run is drawn too (if it "
+                      "ran this model).", **fv)
+  flags.DEFINE_bool("replot", False, "Measure nothing: redraw the PNG from the CSV and JSON "
+                    "beside --out.", **fv)
 
 
 def fit_exponent(lengths, seconds, low: int, high: int) -> dict | None:
@@ -57,10 +70,48 @@ def fit_exponent(lengths, seconds, low: int, high: int) -> dict | None:
           "lengths": [p[0] for p in pairs]}
 
 
+def long_run_rows(path, model: dict) -> list[dict]:
+  """The flash run of a `long_run.py` JSON as a plot row, if it ran `model` (a Workload's
+  `describe()`); else [] with a warning."""
+  rows = []
+  for point in json.loads(pathlib.Path(path).read_text())["points"].values():
+    ran, flash = point.get("ran"), point.get("flash")
+    if not flash:
+      continue
+    if any(ran.get(k) != v for k, v in model.items() if k in ran):
+      logging.warning("%s ran %s, not this model %s: not drawn", path, ran, model)
+      continue
+    rows.append(dict(_row(LONG_RUN, point["requested"]["length"], flash), method="long run"))
+  return rows
+
+
+def read_rows(csv_path) -> list[dict]:
+  """Rows of a CSV written by `run_scaling` (numbers parsed back)."""
+  with open(csv_path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  for row in rows:
+    row["length"] = int(row["length"])
+    for field in ("total_seconds", "per_token_seconds"):
+      row[field] = float(row[field])
+  return rows
+
+
+def replot(out, model: dict, long_run: str = "") -> list[dict]:
+  """Redraws the PNG beside `out` from its CSV and fits (and a long run); returns the rows."""
+  json_path, csv_path, png_path = benchmarking.output_paths(out)
+  rows = [r for r in read_rows(csv_path) if r["strategy"] != LONG_RUN]
+  fits = json.loads(json_path.read_text()).get("fits", {})
+  if long_run:
+    rows += long_run_rows(long_run, model)
+  plot(rows, fits, png_path, title=benchmarking.key_of(**model))
+  logging.info("redrew %s from %s (%d rows)", png_path, csv_path, len(rows))
+  return rows
+
+
 def run_scaling(work_of, lengths, flash_lengths, strategies, tau, repeats: int,
                 sampling: benchmarking.Sampling, fit_range=(4096, 65536),
                 check_memory_above: int = 131072, memory_fraction: float = 0.85,
-                out=None) -> dict:
+                out=None, long_run: str = "") -> dict:
   """Measures every (strategy, L); returns {"rows": [...], "fits": {...}, "skipped": [...]}.
 
   work_of: L -> `benchmarking.Workload` of that length (max_length >= L).
@@ -118,9 +169,11 @@ def run_scaling(work_of, lengths, flash_lengths, strategies, tau, repeats: int,
   store.set("fits", fits)
   store.set("skipped", skipped)
   json_path, csv_path, png_path = benchmarking.output_paths(store.path)
+  model = work_of(min(lengths or flash_lengths)).describe()
+  if long_run:
+    rows += long_run_rows(long_run, model)
   benchmarking.write_csv(csv_path, rows)
-  plot(rows, fits, png_path, title=benchmarking.key_of(**work_of(min(lengths or flash_lengths))
-                                                       .describe()))
+  plot(rows, fits, png_path, title=benchmarking.key_of(**model))
   logging.info("wrote %s, %s, %s", json_path, csv_path, png_path)
   return {"rows": rows, "fits": fits, "skipped": skipped}
 
@@ -143,6 +196,9 @@ def plot(rows, fits, path, title: str = "") -> None:
       label = "offline forward (per position)" if strategy == "forward" else strategy
       if strategy in fits and field == "total_seconds":
         label += f" (~L^{fits[strategy]['exponent']:.2f})"
+      if strategy == LONG_RUN:
+        ax.plot(n, values, "*", ms=12, color=COLOURS["flash"], label=label + " (one run)")
+        continue
       ax.plot(n, values, "-", color=COLOURS.get(strategy), label=label)
       full = [(a, b) for a, b, r in zip(n, values, mine) if r["method"] == "full"]
       part = [(a, b) for a, b, r in zip(n, values, mine) if r["method"] != "full"]
@@ -163,10 +219,14 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   lengths = [int(n) for n in f.lengths]
   flash_lengths = [int(n) for n in f.flash_lengths]
-  run_scaling(lambda n: benchmarking.workload_from_flags(f, n), lengths, flash_lengths,
+  work_of = lambda n: benchmarking.workload_from_flags(f, n)
+  if f.replot:
+    replot(f.out, work_of(min(lengths or flash_lengths)).describe(), f.long_run)
+    return
+  run_scaling(work_of, lengths, flash_lengths,
               f.strategies, benchmarking.parse_tau(f.tau), f.repeats,
               benchmarking.sampling_from_flags(f), tuple(int(n) for n in f.fit_range),
-              f.check_memory_above, f.memory_fraction, f.out)
+              f.check_memory_above, f.memory_fraction, f.out, f.long_run)
 
 
 if __name__ == "__main__":

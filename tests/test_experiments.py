@@ -149,6 +149,27 @@ def test_scaling(tmp_path):
   assert len(estimates) == 1 and estimates[0]["peak_bytes"] > 0
   assert out.with_suffix(".png").stat().st_size > 0
 
+  # --replot redraws from the CSV and JSON (measuring nothing), adding a long run of the same
+  # model and leaving out one of another model
+  flash = {"total_seconds": 6.3, "compile_seconds": 1.0, "method": "full"}
+  long_json = tmp_path / "long_run.json"
+  long_json.write_text(json.dumps({"points": {
+      "a": {"ran": {"model": "stack", "layers": 2, "width": 4, "batch": 1},
+            "requested": {"length": 64}, "flash": flash},
+      "b": {"ran": {"model": "stack", "layers": 2, "width": 8, "batch": 1},
+            "requested": {"length": 128}, "flash": flash}}}))
+  out.with_suffix(".png").unlink()
+  fv = flags.FlagValues()
+  scaling.define_flags(fv)
+  fv(["scaling", f"--out={out}", *TINY, "--lengths=16", "--replot", f"--long_run={long_json}"])
+  scaling.main([], fv)
+  assert out.with_suffix(".png").stat().st_size > 0
+  rows = scaling.replot(out, {"model": "stack", "layers": 2, "width": 4, "batch": 1},
+                        str(long_json))
+  (long,) = [r for r in rows if r["strategy"] == scaling.LONG_RUN]
+  assert long["length"] == 64 and long["per_token_seconds"] == pytest.approx(6.3 / 63)
+  assert len(rows) == 6 and json.loads(out.read_text())["fits"] == data["fits"]
+
 
 def test_scaling_skips_what_does_not_fit(tmp_path):
   data = _run(scaling, tmp_path / "s.json", *TINY, "--lengths=", "--flash_lengths=32",
