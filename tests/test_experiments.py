@@ -126,10 +126,16 @@ def test_headline_table_rows(tmp_path):
   assert headline.per_token(1.4e-4) == "140 us/token" and headline.ratio(8.329) == "8.33x"
 
 
-def test_readme_headline_table_is_the_committed_results():
+def test_readme_headline_table_is_the_committed_results(capsys):
   """README.md's table is the one `python -m experiments.headline` makes from the JSON."""
   text = headline.README.read_text("utf-8")
   assert headline.readme_table(text) == headline.table(headline.result_files())
+  fv = flags.FlagValues()
+  headline.define_flags(fv)
+  fv(["headline"])  # without --write the runner prints the table and writes nothing
+  headline.main([], fv)
+  assert capsys.readouterr().out.strip() == headline.readme_table(text)
+  assert headline.README.read_text("utf-8") == text
   assert headline.replace_in(text, "T") != text and headline.readme_table(
       headline.replace_in(text, "T")) == "T"
 
