@@ -15,7 +15,7 @@ on a device this doubles as a correctness check of the compiled kernels. A metho
 lower or compile on this backend is recorded under "errors" with the exception text, not fatal.
 
 Output JSON (`--out`), read by the engine's tau="auto":
-  {"backend", "device", "jax_version", "interpret", "shape": {"streams", "batch", "channels",
+  {"backend", "device", "cpu_model", "jax_version", "interpret", "shape": {"streams", "batch", "channels",
    "dtype"}, "repeats", "warmup",
    "per_block_size": {"U": {method: median seconds or null}},
    "compile_seconds": {"U": {method: seconds}}, "max_rel_error": {"U": {method: float}},
@@ -44,6 +44,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from lcsm_jax import autotune
 import pallas_kernels
 
 METHODS = ("pallas", "pallas_mxu", "direct", "fft")
@@ -132,6 +133,7 @@ def run_crossover(sizes: Sequence[int], streams: int, batch: int, channels: int,
   table: dict = {
       "backend": jax.default_backend(),
       "device": getattr(device, "device_kind", str(device)),
+      "cpu_model": autotune.cpu_model(),
       "jax_version": jax.__version__,
       "interpret": bool(interpret) or (interpret is None and on_cpu),
       "shape": {"streams": streams, "batch": batch, "channels": channels, "dtype": dtype},
