@@ -196,34 +196,40 @@ class Flash:
     size = 1 << level
     ring, streams, batch, width = state.inputs.shape
     first, target = (end - size) % ring, end % ring
-    if size * streams * batch * width * 4 <= self.group_bytes:
-      window = lax.dynamic_slice_in_dim(state.inputs, first, size, axis=0)
+    group_streams, chunk = self.group_shape(size, streams, batch, width)
+    per_stream = width // chunk
+    groups = (streams // group_streams) * per_stream
+
+    def add_group(g, outputs):
+      s, c = (g // per_stream) * group_streams, (g % per_stream) * chunk
+      window = lax.dynamic_slice(state.inputs, (first, s, 0, c),
+                                 (size, group_streams, batch, chunk))
       if size == ring:
         window = window * jnp.asarray(1 + trip, window.dtype)
-      contribution = blocks_lib.apply_block(self.blocks, window, tables.taps, tables.spectra,
-                                            out_len)
-      return state._replace(outputs=_add_rows(state.outputs, target, contribution))
+      # sliced from the whole table here: a slice taken outside a group loop would be a copy
+      taps = lax.dynamic_slice(tables.taps, (0, s, c),
+                               (min(2 * size, tables.taps.shape[0]), group_streams, chunk))
+      spectra = {size: lax.dynamic_slice(tables.spectra[size], (s, c, 0),
+                                         (group_streams, chunk, size + 1))
+                 } if size in tables.spectra else {}
+      contribution = blocks_lib.apply_block(self.blocks, window, taps, spectra, out_len)
+      current = lax.dynamic_slice(outputs, (target, s, 0, c),
+                                  (out_len, group_streams, batch, chunk))
+      return lax.dynamic_update_slice(outputs, current + contribution, (target, s, 0, c))
 
-    # Groups of one stream and `chunk` channels (the widest power-of-two share of D that fits).
+    if groups == 1:
+      return state._replace(outputs=add_group(0, state.outputs))
+    return state._replace(outputs=lax.fori_loop(0, groups, add_group, state.outputs))
+
+  def group_shape(self, size: int, streams: int, batch: int, width: int) -> tuple[int, int]:
+    """(streams, channels) of one group of a block of `size`: everything when its input window
+    fits in `group_bytes`, else one stream and the widest power-of-two share of D that fits."""
+    if size * streams * batch * width * 4 <= self.group_bytes:
+      return streams, width
     chunk = width
     while chunk % 2 == 0 and size * batch * chunk * 4 > self.group_bytes:
       chunk //= 2
-    per_stream = width // chunk
-
-    def one_group(g, outputs):
-      s, c = g // per_stream, (g % per_stream) * chunk
-      window = lax.dynamic_slice(state.inputs, (first, s, 0, c), (size, 1, batch, chunk))
-      # sliced from the whole table here: a slice taken outside this loop would be a copy
-      group_taps = lax.dynamic_slice(tables.taps, (0, s, c),
-                                     (min(2 * size, tables.taps.shape[0]), 1, chunk))
-      spectra = {size: lax.dynamic_slice(tables.spectra[size], (s, c, 0), (1, chunk, size + 1))
-                 } if size in tables.spectra else {}
-      contribution = blocks_lib.apply_block(self.blocks, window, group_taps, spectra, out_len)
-      current = lax.dynamic_slice(outputs, (target, s, 0, c), (out_len, 1, batch, chunk))
-      return lax.dynamic_update_slice(outputs, current + contribution, (target, s, 0, c))
-
-    return state._replace(outputs=lax.fori_loop(0, streams * per_stream, one_group,
-                                                state.outputs))
+    return 1, chunk
 
   def update(self, tables: FlashTables, state: FlashState, r, inputs: Array,
              plan: schedule.FlashPlan) -> FlashState:

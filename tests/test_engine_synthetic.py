@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcsm_jax import blocks
+from lcsm_jax import mixing
 from lcsm_jax import synthetic
 from lcsm_jax.convolution import causal_conv_numpy
 
@@ -52,6 +54,7 @@ def test_rollout_matches_direct_forward(strategy, layers, width, batch, prompt_l
     dict(tau=2, spectra_max_size=8),                 # large blocks transform their filters
     dict(tau=4, group_bytes=0, spectra_max_size=16),  # every block stream by stream
     dict(tau="direct", group_bytes=0),
+    dict(tau=2, group_bytes=384),  # whole blocks, one-stream groups, stream x 3-channel groups
 ])
 def test_flash_options_give_the_same_result(options):
   stack = synthetic.ConvStack(2, 6, 100)
@@ -59,6 +62,15 @@ def test_flash_options_give_the_same_result(options):
   prompt = jax.random.normal(jax.random.key(4), (2, 3, 6))
   outputs = synthetic.rollout(params, stack, prompt, 97, strategy="flash", **options)
   check_rollout(stack, params, prompt, 97, outputs)
+
+
+def test_flash_group_shape():
+  flash = mixing.Flash(blocks.BlockConfig(((1, "fft"),)), group_bytes=384)
+  # (size, streams, batch, width) -> (streams, channels) per group: 2 x 2 x 6 float32 per row
+  assert flash.group_shape(4, 2, 2, 6) == (2, 6)    # 384 bytes: the whole block at once
+  assert flash.group_shape(8, 2, 2, 6) == (1, 6)    # one stream fits
+  assert flash.group_shape(16, 2, 2, 6) == (1, 3)   # half of one stream's channels
+  assert flash.group_shape(64, 2, 2, 6) == (1, 3)   # no smaller power-of-two share of 6
 
 
 def test_rollout_rejects_bad_input():
