@@ -49,23 +49,28 @@ import pallas_kernels
 
 METHODS = ("pallas", "pallas_mxu", "direct", "fft")
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Path of the JSON crossover table to write.")
-flags.DEFINE_list("sizes", None, "Block sizes U (powers of two). Default: 1..4096 on an "
-                  "accelerator, 1..8 on CPU.")
-flags.DEFINE_integer("streams", 8, "Streams S (layers x long convolutions per layer).")
-flags.DEFINE_integer("batch", 1, "Batch rows B.")
-flags.DEFINE_integer("channels", 256, "Channels D.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation and tap dtype.")
-flags.DEFINE_integer("repeats", 20, "Timed runs per method and size (median reported).")
-flags.DEFINE_integer("warmup", 3, "Untimed runs after compilation.")
-flags.DEFINE_list("kernels", list(METHODS), f"Methods to time, from {METHODS}.")
-flags.DEFINE_enum("interpret", "auto", ["auto", "true", "false"],
-                  "Pallas interpret mode: auto = interpret on CPU only.")
-flags.DEFINE_integer("max_direct_bytes", 1 << 30, "Skip the XLA direct reference when its "
-                     "explicit Toeplitz matrix (U^2 * S * D float32) would exceed this.")
-flags.DEFINE_integer("max_pallas_size", 8192, "Skip the direct Pallas kernel above this U "
-                     "(its O(U^2) vector work makes large U pointless).")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The runner's flags (defined by `__main__` only, as in the other runners)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Path of the JSON crossover table to write.", **fv)
+  flags.DEFINE_list("sizes", None, "Block sizes U (powers of two). Default: 1..4096 on an "
+                    "accelerator, 1..8 on CPU.", **fv)
+  flags.DEFINE_integer("streams", 8, "Streams S (layers x long convolutions per layer).", **fv)
+  flags.DEFINE_integer("batch", 1, "Batch rows B.", **fv)
+  flags.DEFINE_integer("channels", 256, "Channels D.", **fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation and tap dtype.",
+                    **fv)
+  flags.DEFINE_integer("repeats", 20, "Timed runs per method and size (median reported).", **fv)
+  flags.DEFINE_integer("warmup", 3, "Untimed runs after compilation.", **fv)
+  flags.DEFINE_list("kernels", list(METHODS), f"Methods to time, from {METHODS}.", **fv)
+  flags.DEFINE_enum("interpret", "auto", ["auto", "true", "false"],
+                    "Pallas interpret mode: auto = interpret on CPU only.", **fv)
+  flags.DEFINE_integer("max_direct_bytes", 1 << 30, "Skip the XLA direct reference when its "
+                       "explicit Toeplitz matrix (U^2 * S * D float32) would exceed this.", **fv)
+  flags.DEFINE_integer("max_pallas_size", 8192, "Skip the direct Pallas kernel above this U "
+                       "(its O(U^2) vector work makes large U pointless).", **fv)
 
 
 def _method_fns(interpret: bool | None) -> dict[str, Callable]:
@@ -180,19 +185,20 @@ def run_crossover(sizes: Sequence[int], streams: int, batch: int, channels: int,
   return table
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.out:
+  f = flag_values
+  if not f.out:
     raise app.UsageError("--out is required.")
   on_cpu = jax.default_backend() == "cpu"
   default_sizes = [1, 2, 4, 8] if on_cpu else [2 ** i for i in range(13)]
-  sizes = [int(s) for s in FLAGS.sizes] if FLAGS.sizes else default_sizes
-  interpret = {"auto": None, "true": True, "false": False}[FLAGS.interpret]
-  table = run_crossover(sizes, FLAGS.streams, FLAGS.batch, FLAGS.channels, FLAGS.dtype,
-                        FLAGS.repeats, FLAGS.warmup, FLAGS.kernels, interpret,
-                        FLAGS.max_direct_bytes, FLAGS.max_pallas_size)
-  path = pathlib.Path(FLAGS.out)
+  sizes = [int(s) for s in f.sizes] if f.sizes else default_sizes
+  interpret = {"auto": None, "true": True, "false": False}[f.interpret]
+  table = run_crossover(sizes, f.streams, f.batch, f.channels, f.dtype,
+                        f.repeats, f.warmup, f.kernels, interpret,
+                        f.max_direct_bytes, f.max_pallas_size)
+  path = pathlib.Path(f.out)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(table, indent=2, sort_keys=True, allow_nan=False))
   rows = [f"{'U':>6} " + " ".join(f"{m:>12}" for m in METHODS) + "  best"]
@@ -205,4 +211,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -2,44 +2,31 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
 import sys
 
-import pytest
+from absl import flags
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "pallas_crossover.py"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-
-@pytest.fixture(scope="module")
-def crossover_module():
-  name = "pallas_crossover_under_test"
-  if name in sys.modules:  # its absl flags may be defined once per process only
-    return sys.modules[name]
-  spec = importlib.util.spec_from_file_location(name, _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module
+from experiments import pallas_crossover  # pylint: disable=g-import-not-at-top
 
 
-def test_main_writes_a_finite_table(crossover_module, tmp_path):
+def test_main_writes_a_finite_table(tmp_path):
   out = tmp_path / "sub" / "crossover.json"
   argv = ["pallas_crossover", f"--out={out}", "--sizes=1,2", "--streams=2", "--batch=1",
           "--channels=3", "--repeats=2", "--warmup=1"]
-  flags = crossover_module.FLAGS
-  flags(argv)
-  try:
-    crossover_module.main(argv[:1])
-  finally:
-    flags.unparse_flags()
+  fv = flags.FlagValues()
+  pallas_crossover.define_flags(fv)
+  fv(argv)
+  pallas_crossover.main(argv[:1], fv)
   table = json.loads(out.read_text())
 
   assert table["backend"] == "cpu" and table["interpret"] is True
   assert table["shape"] == {"streams": 2, "batch": 1, "channels": 3, "dtype": "float32"}
-  methods = set(crossover_module.METHODS)
+  methods = set(pallas_crossover.METHODS)
   assert set(table["per_block_size"]) == {"1", "2"}
   for size, times in table["per_block_size"].items():
     assert set(times) == methods, size
@@ -55,26 +42,26 @@ def test_main_writes_a_finite_table(crossover_module, tmp_path):
   assert all(value in (0, 1, 2) for value in crossover.values())
 
 
-def test_crossover_rule(crossover_module):
+def test_crossover_rule():
   per_size = {
       1: {"direct": 1.0, "pallas": 3.0, "fft": 2.0},
       2: {"direct": 1.5, "pallas": 1.0, "fft": 2.0},
       4: {"direct": 2.5, "pallas": None, "fft": 2.0},
       8: {"direct": 1.0, "pallas": 1.0, "fft": 2.0},  # after a loss: not counted
   }
-  assert crossover_module.crossover(per_size, "direct") == 2
-  assert crossover_module.crossover(per_size, "pallas") == 0
-  assert crossover_module.crossover(per_size, "pallas_mxu") == 0
+  assert pallas_crossover.crossover(per_size, "direct") == 2
+  assert pallas_crossover.crossover(per_size, "pallas") == 0
+  assert pallas_crossover.crossover(per_size, "pallas_mxu") == 0
 
 
-def test_skips_and_errors_are_recorded(crossover_module, monkeypatch):
+def test_skips_and_errors_are_recorded(monkeypatch):
   """A method that fails (as the MXU kernel does on GPU) is an error entry, not a crash."""
   def broken(x, w):
     raise NotImplementedError("Unimplemented primitive in Pallas Triton lowering: roll")
-  fns = crossover_module._method_fns(True)
+  fns = pallas_crossover._method_fns(True)
   fns["pallas_mxu"] = broken
-  monkeypatch.setattr(crossover_module, "_method_fns", lambda interpret: fns)
-  table = crossover_module.run_crossover(
+  monkeypatch.setattr(pallas_crossover, "_method_fns", lambda interpret: fns)
+  table = pallas_crossover.run_crossover(
       [1, 2], streams=1, batch=1, channels=2, dtype="bfloat16", repeats=1, warmup=0,
       methods=["pallas_mxu", "direct"], interpret=True, max_direct_bytes=16)
   assert table["per_block_size"]["1"]["pallas_mxu"] is None
