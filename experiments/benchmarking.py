@@ -47,8 +47,8 @@ from lcsm_jax.model import HyenaLM, init_params
 from lcsm_jax.online import HyenaOnline
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-MACHINE_KEYS = ("processor", "cpu_model", "cpus", "jax", "backend", "device")  # a store from another
-# machine (any of these differ) is set aside, not mixed with new points
+# A store from another machine (any of these differ) is set aside, not mixed with new points.
+MACHINE_KEYS = ("processor", "cpu_model", "cpus", "jax", "backend", "device")
 
 
 # -- machine, time, memory ------------------------------------------------------------------
@@ -56,8 +56,8 @@ MACHINE_KEYS = ("processor", "cpu_model", "cpus", "jax", "backend", "device")  #
 
 def machine() -> dict[str, Any]:
   """What the numbers were measured on."""
-  return {"processor": platform.processor() or platform.machine(), "cpu_model": autotune.cpu_model(),
-          "cpus": os.cpu_count(),
+  return {"processor": platform.processor() or platform.machine(),
+          "cpu_model": autotune.cpu_model(), "cpus": os.cpu_count(),
           "platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind,

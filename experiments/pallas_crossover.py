@@ -15,8 +15,8 @@ on a device this doubles as a correctness check of the compiled kernels. A metho
 lower or compile on this backend is recorded under "errors" with the exception text, not fatal.
 
 Output JSON (`--out`), read by the engine's tau="auto":
-  {"backend", "device", "cpu_model", "jax_version", "interpret", "shape": {"streams", "batch", "channels",
-   "dtype"}, "repeats", "warmup",
+  {"backend", "device", "cpu_model", "jax_version", "interpret",
+   "shape": {"streams", "batch", "channels", "dtype"}, "repeats", "warmup",
    "per_block_size": {"U": {method: median seconds or null}},
    "compile_seconds": {"U": {method: seconds}}, "max_rel_error": {"U": {method: float}},
    "errors": {"U": {method: "Type: message"}}, "best": {"U": method},

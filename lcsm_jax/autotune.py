@@ -1,7 +1,8 @@
 """Measuring, per machine, the largest block size for which the direct block beats the FFT block.
 
 `tau='auto'` uses `crossover(channels, max_size)`: read from a JSON cache when this backend,
-device (on CPU: CPU model) and channel count were measured before, else measured now (a few seconds) and cached.
+device (on CPU: CPU model) and channel count were measured before, else measured now (a few
+seconds) and cached.
 The cache lives in `$LCSM_JAX_CACHE_DIR` (default `~/.cache/lcsm_jax`); set
 `LCSM_JAX_CROSSOVER=<int>` to skip measuring altogether.
 
