@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import dataclasses
 import functools
 import math
+import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
@@ -39,6 +43,12 @@ from lcsm_jax.config import HyenaConfig
 PROG = "lcsm-generate"
 DEFAULT_CHUNK_TOKENS = 256
 TAU_NAMES = ("auto", "direct", "fft", "pallas")
+# The seeds jax.random.key(seed) accepts as a Python int (it converts to a C long and raises
+# OverflowError outside this range; checked by the tests).
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+# Exit codes (see `main`).
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 # The HyenaDNA character tokenizer (`CharacterTokenizer` of HazyResearch/hyena-dna with
 # characters A, C, G, T, N): seven special tokens, then the characters from id 7.
@@ -288,6 +298,18 @@ def _float_in(low: float, high: float, low_open: bool) -> Callable[[str], float]
   return parse
 
 
+def _seed(value: str) -> int:
+  try:
+    seed = int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+  if not SEED_MIN <= seed <= SEED_MAX:
+    raise argparse.ArgumentTypeError(
+        f"must lie in [-2**63, 2**63 - 1] = [{SEED_MIN}, {SEED_MAX}] (what jax.random.key "
+        f"accepts), got {seed}")
+  return seed
+
+
 def _tau(value: str) -> str | int:
   if value in TAU_NAMES:
     return value
@@ -321,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Sample among the k most likely.")
   parser.add_argument("--top_p", type=_float_in(0.0, 1.0, True), default=None,
                       help="Sample among the smallest set of probability >= top_p.")
-  parser.add_argument("--seed", type=int, default=0, help="PRNG seed (jax.random.key(seed)).")
+  parser.add_argument("--seed", type=_seed, default=0,
+                      help="PRNG seed (jax.random.key(seed)): an integer in [-2**63, 2**63 - 1], "
+                      "the range jax.random.key accepts. Without 64-bit JAX (JAX_ENABLE_X64) "
+                      "only its low 32 bits count: seeds that differ by a multiple of 2**32 "
+                      "give the same text.")
   parser.add_argument("--strategy", choices=engine.STRATEGIES, default="flash",
                       help="Exact generation strategy (all give the same text).")
   parser.add_argument("--tau", type=_tau, default="auto",
@@ -394,11 +420,95 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   return 0 if identical else 1
 
 
+def _stdout_to_devnull() -> None:
+  """Points the file descriptor of sys.stdout at /dev/null, so that the interpreter's final
+  flush of text still buffered for a broken pipe does not raise BrokenPipeError again (the
+  recipe of Python's documentation, "Note on SIGPIPE" in the `signal` module)."""
+  try:
+    fd = sys.stdout.fileno()
+  except (AttributeError, OSError, ValueError):  # not a real file (e.g. captured by a test)
+    return
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, fd)
+  os.close(devnull)
+
+
+def _exit_interrupted() -> None:
+  """Ends the process at once: `lcsm-generate: interrupted` on stderr, exit code 130."""
+  try:  # straight to file descriptor 2: no lock of sys.stderr that another thread might hold
+    os.write(2, f"\n{PROG}: interrupted\n".encode())
+  except OSError:
+    pass
+  os._exit(EXIT_INTERRUPTED)
+
+
+def _watch_for_sigint(read_fd: int) -> None:
+  """Reads signal numbers written by Python's C-level signal handler (`signal.set_wakeup_fd`)
+  until the pipe is closed; ends the process on SIGINT."""
+  while data := os.read(read_fd, 64):
+    if int(signal.SIGINT) in data:
+      _exit_interrupted()
+
+
+@contextlib.contextmanager
+def _ctrl_c_exits_at_once() -> Iterator[None]:
+  """While active, SIGINT (Ctrl-C) ends the process at once with exit code 130, without the
+  interpreter's shutdown. Does nothing outside the main thread (Python sets signal handlers
+  only there, and delivers KeyboardInterrupt only there).
+
+  Why (issue 12: Ctrl-C during the compilation of a long generation program crashed with
+  `Fatal Python error: Segmentation fault`, every time): jaxlib compiles on a thread of XLA's
+  thread pool while the main thread waits for it, polling for signals. Ctrl-C there raised
+  KeyboardInterrupt in the main thread and `main` returned 130 while the compilation went on
+  in the pool; the interpreter's shutdown then freed JAX's client (its devices, then it joins
+  the pool), and the compilation, finishing, read a freed device (gdb: the pool thread in
+  `ifrt::PjRtLoadedExecutable::Create` -> `SingleDeviceSharding::Create`, the main thread in
+  `~PjRtClient` from `Py_FinalizeEx`). And while a compiled program runs, the main thread waits
+  without polling for signals: the KeyboardInterrupt came only when the whole call was done.
+
+  The fix: `os._exit` ends the process without that shutdown (no destructors run, so nothing
+  can race with XLA's threads, which simply end with the process), and it is called from a
+  watcher thread that Python's C-level signal handler wakes at once through
+  `signal.set_wakeup_fd`, whatever the main thread is waiting on (XLA's waits release the
+  GIL). The Python-level handler does nothing, so no KeyboardInterrupt unwinds the main thread
+  in the meantime. Nothing written is lost: stdout is flushed after every chunk, and stderr is
+  line-buffered.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
+  watcher = threading.Thread(target=_watch_for_sigint, args=(read_fd,), daemon=True,
+                             name=f"{PROG} SIGINT watcher")
+  watcher.start()
+  previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: None)
+  previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  try:
+    yield
+  finally:
+    signal.set_wakeup_fd(previous_fd)
+    signal.signal(signal.SIGINT,
+                  previous_handler if previous_handler is not None else signal.SIG_DFL)
+    os.close(write_fd)  # the watcher reads end-of-file and returns
+    watcher.join()
+    os.close(read_fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of `lcsm-generate`; `argv` without the program name (default sys.argv[1:]).
 
-  Returns the exit code: 0 success, 1 --compare_lazy found different text, 2 bad usage or
-  input (a clean `lcsm-generate: error: ...` on stderr, no traceback), 130 interrupted.
+  Returns the exit code:
+    0: success.
+    1: --compare_lazy found different text.
+    2: bad usage or input: one line `lcsm-generate: error: ...` on stderr, no traceback
+      (options, the seed's range included, are checked before anything goes to stdout).
+    130 (128 + SIGINT): interrupted (Ctrl-C); `lcsm-generate: interrupted` on stderr. Called
+      from the main thread, the process ends at once, by os._exit, without returning (see
+      `_ctrl_c_exits_at_once` for why).
+    141 (128 + SIGPIPE): the reader of stdout went away (`lcsm-generate ... | head -c 10`):
+      generation stops, nothing is printed on stderr. A shell reports the same status for a
+      program killed by SIGPIPE (`yes | head`), so `set -o pipefail` treats both alike.
   """
   parser = build_parser()
   try:
@@ -406,14 +516,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   except SystemExit as e:  # argparse printed usage and the error (or --help)
     return int(e.code or 0)
   try:
-    return run(args, sys.stdout, sys.stderr)
+    with _ctrl_c_exits_at_once():
+      return run(args, sys.stdout, sys.stderr)
+  except BrokenPipeError:  # an OSError, but no error of the input: see the docstring
+    _stdout_to_devnull()
+    return EXIT_BROKEN_PIPE
   except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-    sys.stdout.flush()
+    try:
+      sys.stdout.flush()
+    except BrokenPipeError:
+      _stdout_to_devnull()
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
+  except KeyboardInterrupt:  # SIGINT just before the handler was installed
     print(f"\n{PROG}: interrupted", file=sys.stderr)
-    return 130
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

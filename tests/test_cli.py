@@ -100,6 +100,7 @@ def test_tokenizers():
     (["--temperature", "nan"], "error: argument --temperature: expected a finite number"),
     (["--strategy", "fast"], "error: argument --strategy: invalid choice: 'fast'"),
     (["--tau", "big"], "error: argument --tau: expected one of auto, direct, fft, pallas"),
+    (["--seed", "1.5"], "error: argument --seed: expected an integer, got '1.5'"),
 ])
 def test_errors_are_clean_messages(capsys, argv, message):
   code, out, err = _run(capsys, *argv)
@@ -108,6 +109,32 @@ def test_errors_are_clean_messages(capsys, argv, message):
   assert err.rstrip().splitlines()[-1].startswith("lcsm-generate: error: ")
   assert "Traceback" not in err
   assert out == ""  # nothing printed before the input was checked
+
+
+@pytest.mark.parametrize("seed", [str(2**63), "18446744073709551616", str(-2**63 - 1)])
+def test_seed_outside_what_jax_accepts_is_refused_by_argparse(capsys, seed):
+  """It used to crash in jax.random.key (OverflowError, exit 1) after printing the prompt."""
+  code, out, err = _run(capsys, "--seed", seed)
+  assert code == 2
+  assert out == ""
+  assert err.rstrip().splitlines()[-1] == (
+      "lcsm-generate: error: argument --seed: must lie in [-2**63, 2**63 - 1] = "
+      f"[-9223372036854775808, 9223372036854775807] (what jax.random.key accepts), got {seed}")
+
+
+def test_seed_range_is_what_jax_accepts():
+  """Both ends are accepted by the parser and by jax.random.key; one past either end is not
+  accepted by jax (so the parser refuses it, above)."""
+  parser = cli.build_parser()
+  for seed in (-2**63, 2**63 - 1):
+    assert parser.parse_args(["--seed", str(seed)]).seed == seed
+    jax.random.key(seed)
+  for seed in (-2**63 - 1, 2**63):
+    with pytest.raises(OverflowError, match="too large to convert"):
+      jax.random.key(seed)
+  # --help says: without 64-bit JAX only the seed's low 32 bits count.
+  np.testing.assert_array_equal(jax.random.key_data(jax.random.key(2**32 + 5)),
+                                jax.random.key_data(jax.random.key(5)))
 
 
 def test_bad_checkpoint_directory(capsys, tmp_path, fixture_dir):
@@ -128,6 +155,7 @@ def test_help(capsys):
   for flag in ("--checkpoint", "--prompt", "--num_tokens", "--temperature", "--top_k",
                "--top_p", "--seed", "--strategy", "--tau", "--compare_lazy", "--chunk_tokens"):
     assert flag in out
+  assert "an integer in [-2**63, 2**63 - 1]" in " ".join(out.split())
 
 
 def test_console_script_is_registered():
