@@ -7,14 +7,16 @@ tensor is checked by name and shape before anything is returned: nothing loads h
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import os
 import pathlib
 import re
 import stat
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,11 @@ import numpy as np
 from flax import traverse_util
 
 from lcsm_jax.config import HyenaConfig
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: saves and loads run without directory locks
+  fcntl = None
 
 PathLike = str | os.PathLike[str]
 Params = dict[str, Any]
@@ -58,7 +65,8 @@ def _torch_layout(cfg: HyenaConfig) -> dict[str, tuple[tuple[int, ...], tuple[st
       "mixer.short_filter.bias": ((width,), ("mixer", "short_conv", "bias"), "copy"),
       "mixer.filter_fn.bias": ((nf,), ("mixer", "filter", "bias"), "copy"),
       "mixer.filter_fn.modulation.deltas": ((1, 1, nf), ("mixer", "filter", "deltas"), "flat"),
-      "mixer.filter_fn.pos_emb.z": ((1, cfg.l_max, cfg.emb_dim), ("mixer", "filter", "z"), "squeeze0"),
+      "mixer.filter_fn.pos_emb.z":
+          ((1, cfg.l_max, cfg.emb_dim), ("mixer", "filter", "z"), "squeeze0"),
       "mixer.filter_fn.pos_emb.t": ((1, cfg.l_max, 1), ("mixer", "filter", "t"), "squeeze0"),
       "mlp.fc1.weight": ((cfg.d_inner, d), ("mlp", "fc1", "kernel"), "linear"),
       "mlp.fc1.bias": ((cfg.d_inner,), ("mlp", "fc1", "bias"), "copy"),
@@ -69,7 +77,8 @@ def _torch_layout(cfg: HyenaConfig) -> dict[str, tuple[tuple[int, ...], tuple[st
   in_dims = [cfg.emb_dim] + [fo] * cfg.num_inner_mlps
   for i, fan_in in enumerate(in_dims):
     prefix = f"mixer.filter_fn.implicit_filter.{2 * i}"
-    per_layer[f"{prefix}.weight"] = ((fo, fan_in), ("mixer", "filter", f"dense_{i}", "kernel"), "linear")
+    per_layer[f"{prefix}.weight"] = (
+        (fo, fan_in), ("mixer", "filter", f"dense_{i}", "kernel"), "linear")
     per_layer[f"{prefix}.bias"] = ((fo,), ("mixer", "filter", f"dense_{i}", "bias"), "copy")
     per_layer[f"mixer.filter_fn.implicit_filter.{2 * i + 1}.freq"] = (
         (1, fo), ("mixer", "filter", "freq"), "shared_freq")
@@ -245,16 +254,27 @@ def _read_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
                         ".bin or .pt.")
 
 
-def _read_config(path: pathlib.Path) -> HyenaConfig:
-  """`HyenaConfig.from_json_file`, with every problem reported as a `CheckpointError`."""
+def _read_config_bytes(path: pathlib.Path) -> bytes:
+  """The bytes of a `config.json`, every problem reported as a `CheckpointError`."""
   if not path.is_file():
     raise CheckpointError(f"no config.json in {path.parent} (expected {path}).")
   try:
-    return HyenaConfig.from_json_file(path)
+    return path.read_bytes()
   except OSError as e:
     raise CheckpointError(f"{path}: cannot be read ({e}).") from None
+
+
+def _parse_config(path: pathlib.Path, data: bytes) -> HyenaConfig:
+  """`HyenaConfig.from_json_bytes`, with every problem reported as a `CheckpointError`."""
+  try:
+    return HyenaConfig.from_json_bytes(data, source=path)
   except ValueError as e:
     raise CheckpointError(str(e)) from None
+
+
+def _read_config(path: pathlib.Path) -> HyenaConfig:
+  """`HyenaConfig.from_json_file`, with every problem reported as a `CheckpointError`."""
+  return _parse_config(path, _read_config_bytes(path))
 
 
 def _find_files(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -304,6 +324,108 @@ OWN_WEIGHTS = "params.safetensors"
 # Metadata key listing the arrays stored as float32 because this safetensors cannot store
 # bfloat16 from NumPy; they are cast back to bfloat16 on load.
 BFLOAT16_AS_FLOAT32 = "lcsm_jax.bfloat16_stored_as_float32"
+# Metadata key holding the SHA-256 (hex) of the exact config.json bytes saved with the weights:
+# `load_params` refuses a config.json that another save wrote. Absent from older checkpoints.
+CONFIG_SHA256 = "lcsm_jax.config_sha256"
+_INTERNAL_METADATA = (BFLOAT16_AS_FLOAT32, CONFIG_SHA256)
+# Saves and loads lock the checkpoint directory (flock: exclusive to save, shared to load)
+# where the platform allows it; the config hash catches whatever the locks cannot.
+_USE_LOCKS = True
+
+
+@contextlib.contextmanager
+def _directory_lock(path: pathlib.Path, *, exclusive: bool) -> Iterator[None]:
+  """Holds an advisory `flock` on directory `path` (exclusive or shared) while active.
+
+  Serialises `save_params` calls on one directory (so concurrent saves end in one save's
+  complete pair of files) and keeps `load_params` from reading between a save's two renames.
+  Where locks are unavailable (not POSIX, some network file systems) it does nothing.
+  """
+  fd = None
+  if _USE_LOCKS and fcntl is not None:
+    try:
+      fd = os.open(path, os.O_RDONLY)
+      fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    except OSError:
+      if fd is not None:
+        os.close(fd)
+      fd = None
+  try:
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)  # releases the lock
+
+
+def _param_paths(params: Any) -> list[tuple[str, Any]]:
+  """('/'-joined path, leaf) of every leaf of a parameter tree, as `check_params` names them."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = []
+  for path, leaf in leaves:
+    keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+    names.append(("/".join(str(k) for k in keys), leaf))
+  return names
+
+
+@jax.jit
+def _all_finite_on_device(arrays: list[jax.Array]) -> list[jax.Array]:
+  return [jnp.all(jnp.isfinite(x)) for x in arrays]
+
+
+def non_finite_paths(params: Any) -> list[str]:
+  """The paths ('/'-joined, e.g. 'params/ln_f/scale') of every floating-point array in
+  `params` that holds a NaN or an infinity, in tree order; [] when all are finite.
+
+  Cheap: for host arrays (NumPy, or JAX arrays on the CPU) one min and one max per array, NaN
+  propagating, with no temporary except a float32 copy of bfloat16 (NumPy's reductions need a
+  native float); arrays on an accelerator are reduced there by one jitted program, and only
+  booleans are copied back. Non-floating leaves are skipped (`check_params` reports them).
+
+  Raises:
+    TypeError: a traced value (call it outside `jax.jit`, on concrete parameters).
+  """
+  entries = _param_paths(params)
+  bad, on_device = [], []
+  for name, leaf in entries:
+    if isinstance(leaf, jax.core.Tracer):
+      raise TypeError(f"non_finite_paths needs concrete arrays, got a traced value at {name} "
+                      "(inside jit/vmap); call it outside of JAX transformations.")
+    if isinstance(leaf, jax.Array) and any(d.platform != "cpu" for d in leaf.devices()):
+      if _is_float(leaf.dtype):
+        on_device.append((name, leaf))
+      continue
+    array = np.asarray(leaf)
+    if not _is_float(array.dtype) or array.size == 0:
+      continue
+    if array.dtype not in (np.float16, np.float32, np.float64, np.longdouble):
+      array = array.astype(np.float32)  # bfloat16: NumPy's reductions need a native float
+    if not (np.isfinite(array.min()) and np.isfinite(array.max())):  # NaN propagates
+      bad.append(name)
+  if on_device:
+    finite = jax.device_get(_all_finite_on_device([leaf for _, leaf in on_device]))
+    bad += [name for (name, _), ok in zip(on_device, finite) if not ok]
+  order = {name: i for i, (name, _) in enumerate(entries)}
+  return sorted(bad, key=order.__getitem__)
+
+
+def check_finite(params: Any, *, name: str = "the parameters") -> None:
+  """Raises `CheckpointError` naming every parameter (path and count) that holds NaN or inf.
+
+  Non-finite weights make every logit NaN (and sampling then returns token 0 forever), so
+  `load_params` and `save_params` refuse them; generation code can call this too. See
+  `non_finite_paths` for the cost. `name` starts the message ('the parameters in ...').
+  """
+  bad = non_finite_paths(params)
+  if not bad:
+    return
+  leaves = dict(_param_paths(params))
+  lines = []
+  for path in bad:
+    values = np.asarray(jax.device_get(leaves[path])).astype(np.float32)
+    lines.append(f"{path} holds non-finite values (NaN or inf): "
+                 f"{values.size - np.count_nonzero(np.isfinite(values))} of {values.size}")
+  raise CheckpointError(f"{name} hold non-finite values, which would make every output NaN:\n  "
+                        + "\n  ".join(lines))
 
 
 @functools.cache
@@ -316,41 +438,81 @@ def _safetensors_stores_bfloat16() -> bool:
     return False
 
 
-def save_params(path: PathLike, config: HyenaConfig, params: Params,
-                metadata: Mapping[str, str] | None = None) -> None:
-  """Writes `config.json` and `params.safetensors` into directory `path`.
+def _foreign_files(path: pathlib.Path) -> list[str]:
+  """Files of a checkpoint that `save_params` did not write: HyenaDNA weights, or a
+  config.json without params.safetensors beside it (save_params renames its weights into
+  place before its config.json, so its own directories never look like that)."""
+  found = [name for name in WEIGHT_FILES if (path / name).exists()]
+  if (path / "config.json").exists() and not (path / OWN_WEIGHTS).exists():
+    found.append("config.json")
+  return found
 
-  The parameters are checked against `config` first (`check_params`); both files are written
-  to temporary names and then renamed, so an interrupted save leaves no half-written file.
-  bfloat16 arrays are stored as bfloat16 where safetensors can, else as float32 listed under
-  the metadata key `BFLOAT16_AS_FLOAT32` (and cast back by `load_params`).
+
+def save_params(path: PathLike, config: HyenaConfig, params: Params,
+                metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> None:
+  """Writes `config.json` and `params.safetensors` into directory `path` (created if needed).
+
+  The parameters are checked against `config` first (`check_params`) and must be finite
+  (`check_finite`): nothing is written otherwise, so a diverged training run cannot replace
+  its last good checkpoint. Both files are written to temporary names and then renamed, so an
+  interrupted save leaves no half-written file; the SHA-256 of the config.json bytes is stored
+  in the weights' metadata (`CONFIG_SHA256`), so `load_params` refuses a config.json written by
+  another save. Concurrent saves to one directory are serialised by a lock where the platform
+  has one. bfloat16 arrays are stored as bfloat16 where safetensors can, else as float32
+  listed under the metadata key `BFLOAT16_AS_FLOAT32` (and cast back by `load_params`).
+
+  Overwriting an earlier `save_params` directory is the normal use. A directory holding a
+  checkpoint this function did not write (any of `WEIGHT_FILES`, or a config.json without
+  params.safetensors: a HyenaDNA checkpoint) is refused unless `overwrite=True`, since its
+  config.json would be replaced (its weight files are left, and would no longer match it).
+
+  Raises:
+    CheckpointError: parameters that do not fit `config`, or hold NaN or inf.
+    TypeError: metadata that does not map str to str; a non-bool `overwrite`.
+    ValueError: a reserved metadata key.
+    FileExistsError: `path` holds a checkpoint not written by save_params (and not
+      `overwrite`), or is a file.
   """
   from safetensors.numpy import save_file
+  if not isinstance(overwrite, bool):
+    raise TypeError(f"overwrite must be True or False, got {overwrite!r}.")
   check_params(config, params)
+  check_finite(params, name="the parameters to save")
   metadata = dict(metadata or {})
   bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
   if bad:
     raise TypeError(f"safetensors metadata must map str to str; not so for {bad}.")
-  if BFLOAT16_AS_FLOAT32 in metadata:
-    raise ValueError(f"the metadata key {BFLOAT16_AS_FLOAT32!r} is reserved.")
+  reserved = sorted(set(metadata) & set(_INTERNAL_METADATA))
+  if reserved:
+    raise ValueError(f"the metadata keys {reserved} are reserved for lcsm_jax.")
   path = pathlib.Path(path)
-  path.mkdir(parents=True, exist_ok=True)
   flat = traverse_util.flatten_dict(params, sep="/")
   arrays = {k: np.ascontiguousarray(np.asarray(jax.device_get(v))) for k, v in flat.items()}
   widened = sorted(k for k, v in arrays.items() if v.dtype == jnp.bfloat16)
   if widened and not _safetensors_stores_bfloat16():
     arrays.update({k: arrays[k].astype(np.float32) for k in widened})
     metadata[BFLOAT16_AS_FLOAT32] = ",".join(widened)
-  config_text = json.dumps(config.to_hyenadna_dict(), indent=2) + "\n"
-  with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as tmp:
-    save_file(arrays, os.path.join(tmp, OWN_WEIGHTS), metadata=metadata)
-    pathlib.Path(tmp, "config.json").write_text(config_text)
-    # safetensors creates its file with mode 0600; give it the mode an ordinary new file gets
-    # (0666 less the umask, as config.json just got), so others can read the checkpoint.
-    weights_tmp, config_tmp = os.path.join(tmp, OWN_WEIGHTS), os.path.join(tmp, "config.json")
-    os.chmod(weights_tmp, stat.S_IMODE(os.stat(config_tmp).st_mode))
-    os.replace(weights_tmp, path / OWN_WEIGHTS)
-    os.replace(config_tmp, path / "config.json")
+  config_bytes = (json.dumps(config.to_hyenadna_dict(), indent=2) + "\n").encode("utf-8")
+  metadata[CONFIG_SHA256] = hashlib.sha256(config_bytes).hexdigest()
+  path.mkdir(parents=True, exist_ok=True)
+  with _directory_lock(path, exclusive=True):
+    foreign = _foreign_files(path)
+    if foreign and not overwrite:
+      raise FileExistsError(
+          f"{path} holds a checkpoint not written by save_params ({', '.join(foreign)}); "
+          "saving there would replace its config.json. Save to another directory, or pass "
+          "overwrite=True to replace it.")
+    with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as tmp:
+      weights_tmp, config_tmp = os.path.join(tmp, OWN_WEIGHTS), os.path.join(tmp, "config.json")
+      save_file(arrays, weights_tmp, metadata=metadata)
+      pathlib.Path(config_tmp).write_bytes(config_bytes)
+      # safetensors creates its file with mode 0600; give it the mode an ordinary new file
+      # gets (0666 less the umask, as config.json just got), so others can read the checkpoint.
+      os.chmod(weights_tmp, stat.S_IMODE(os.stat(config_tmp).st_mode))
+      # Weights first: a directory with a config.json but no params.safetensors is never one
+      # of ours (see _foreign_files).
+      os.replace(weights_tmp, path / OWN_WEIGHTS)
+      os.replace(config_tmp, path / "config.json")
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
@@ -364,7 +526,8 @@ def read_metadata(path: PathLike) -> dict[str, str]:
       metadata = dict(f.metadata() or {})
   except Exception as e:
     raise CheckpointError(f"{weights}: not a readable safetensors file ({e}).") from None
-  metadata.pop(BFLOAT16_AS_FLOAT32, None)
+  for key in _INTERNAL_METADATA:
+    metadata.pop(key, None)
   return metadata
 
 
@@ -373,19 +536,37 @@ def load_params(path: PathLike) -> tuple[HyenaConfig, Params]:
 
   Returns:
     (config, params): the parameters as NumPy arrays in the dtypes they were saved with.
+
+  Raises:
+    CheckpointError: no params.safetensors or config.json, either unreadable or malformed, a
+      config.json that does not belong to the weights (its SHA-256 differs from the one the
+      save recorded: written by another save, or edited; checkpoints of lcsm_jax versions that
+      recorded none are not checked), arrays that do not fit the config, or arrays holding
+      NaN or inf (every offending parameter is named).
   """
   from safetensors import safe_open
   path = pathlib.Path(path)
   weights = path / OWN_WEIGHTS
   if not weights.is_file():
     raise CheckpointError(f"{path} has no {OWN_WEIGHTS}.")
-  config = _read_config(path / "config.json")
-  try:
-    with safe_open(str(weights), framework="np") as f:
-      metadata = dict(f.metadata() or {})
-      flat = {k: f.get_tensor(k) for k in f.keys()}
-  except Exception as e:
-    raise CheckpointError(f"{weights}: not a readable safetensors file ({e}).") from None
+  config_path = path / "config.json"
+  with _directory_lock(path, exclusive=False):  # both files from one save, where locks work
+    config_bytes = _read_config_bytes(config_path)
+    config = _parse_config(config_path, config_bytes)
+    try:
+      with safe_open(str(weights), framework="np") as f:
+        metadata = dict(f.metadata() or {})
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+      raise CheckpointError(f"{weights}: not a readable safetensors file ({e}).") from None
+  recorded = metadata.get(CONFIG_SHA256)
+  if recorded is not None and hashlib.sha256(config_bytes).hexdigest() != recorded:
+    raise CheckpointError(
+        f"{config_path} does not belong to these weights: {weights} records the SHA-256 of "
+        f"the config.json saved with it ({recorded[:16]}...), and this config.json's differs "
+        f"({hashlib.sha256(config_bytes).hexdigest()[:16]}...). The two files were written "
+        "by different saves (two processes saving to this directory at once, or a config.json "
+        "copied or edited by hand); save the checkpoint again.")
   for key in filter(None, metadata.get(BFLOAT16_AS_FLOAT32, "").split(",")):
     if key not in flat:
       raise CheckpointError(f"{weights}: metadata lists {key!r} as bfloat16, but there is no "
@@ -393,6 +574,7 @@ def load_params(path: PathLike) -> tuple[HyenaConfig, Params]:
     flat[key] = flat[key].astype(jnp.bfloat16)
   params = traverse_util.unflatten_dict(flat, sep="/")
   check_params(config, params)
+  check_finite(params, name=f"the parameters in {weights}")
   return config, params
 
 
