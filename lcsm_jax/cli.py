@@ -197,7 +197,7 @@ def _step_noise(key: jax.Array, start: jax.Array, *, num: int, vocab_size: int) 
   """Gumbel noise (1, num, vocab_size) of generation steps start .. start + num - 1, exactly as
   `generate` draws it for those steps from `key`."""
   steps = start + jnp.arange(num)
-  noise = jax.vmap(lambda s: sampling.gumbel_noise(key, s, (1, vocab_size)))(steps)
+  noise = jax.vmap(lambda s: sampling.step_noise(sampling.row_keys(key, 1), s, vocab_size))(steps)
   return jnp.swapaxes(noise, 0, 1)
 
 

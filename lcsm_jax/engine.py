@@ -44,7 +44,10 @@ class EngineOptions:
       the tables near the size of the filters (all sizes would cost twice the filters' bytes).
     group_bytes: flash blocks whose input window exceeds this many bytes run in groups of one
       stream and part of the channels, bounding their FFT temporaries.
-    chunk: positions per inner iteration of the lazy and eager strategies.
+    chunk: positions per inner iteration of the lazy and eager strategies (a power of two).
+    check_memory: estimate a run's memory (XLA's analysis of the compiled programs, plus
+      parameters and tables) before it starts and refuse it with a ValueError naming the
+      estimate when it exceeds the device's (on CPU, the host's) available memory.
   """
 
   tau: str | int | Mapping[int, str] = "auto"
@@ -53,8 +56,15 @@ class EngineOptions:
   spectra_max_size: int | None = 1 << 15
   group_bytes: int = mixing.GROUP_BYTES
   chunk: int = 256
+  check_memory: bool = True
 
   def __post_init__(self):
+    for name in ("chunk", "group_bytes"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if self.chunk < 1 or self.chunk & (self.chunk - 1):
+      raise ValueError(f"chunk must be a power of two >= 1, got {self.chunk}.")
     if self.spectra_max_size is not None and self.spectra_max_size < 1:
       raise ValueError(f"spectra_max_size must be >= 1 or None, got {self.spectra_max_size}.")
     if self.group_bytes < 0:

@@ -1,10 +1,14 @@
 """The public `generate` API: clear errors on bad input, and the sampling options."""
 
+import warnings
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lcsm_jax import generation
+from lcsm_jax import memory
 from lcsm_jax import sampling
 from lcsm_jax.config import HyenaConfig
 from lcsm_jax.model import init_params
@@ -121,7 +125,7 @@ def test_sampling_frequencies_follow_the_tempered_softmax():
   temperature, draws = 0.7, 20000
   cfg = sampling.SamplingConfig(5)
   choose = jax.jit(jax.vmap(lambda k: sampling.choose(
-      logits, cfg, temperature, 1.0, sampling.gumbel_noise(k, 0, (1, 5)))[0]))
+      logits, cfg, temperature, 1.0, sampling.step_noise(k[None], 0, 5))[0]))
   tokens = np.asarray(choose(jax.random.split(jax.random.key(0), draws)))
   freq = np.bincount(tokens, minlength=5) / draws
   probs = np.exp(logits[0] / temperature)
@@ -137,3 +141,125 @@ def test_on_token_streams_every_token_in_order(params):
                             **ENGINE)
   assert [j for j, _ in seen] == list(range(9))
   np.testing.assert_array_equal(np.stack([t for _, t in seen], axis=1), out.tokens)
+
+
+def test_tiny_temperatures_are_greedy_and_huge_ones_warn_nothing(params):
+  greedy = generation.generate(params, CONFIG, PROMPT, 10, temperature=0.0, **ENGINE).tokens
+  for temperature in (1e-40, 1e-30, 1e-12, np.float32(1e-40)):
+    tiny = generation.generate(params, CONFIG, PROMPT, 10, jax.random.key(5),
+                               temperature=temperature, **ENGINE).tokens
+    np.testing.assert_array_equal(tiny, greedy, err_msg=f"temperature {temperature}")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    hot = generation.generate(params, CONFIG, PROMPT, 10, jax.random.key(5), temperature=1e300,
+                              **ENGINE).tokens
+  assert ((0 <= np.asarray(hot)) & (np.asarray(hot) < CONFIG.vocab_size)).all()
+
+
+def test_huge_temperature_samples_uniformly_among_the_kept_tokens():
+  logits = np.array([[30.0, 10.0, 0.0, -10.0, -30.0, 5.0]], np.float32)
+  draws = 12000
+  for top_k, kept in ((None, 6), (3, 3)):
+    cfg = sampling.SamplingConfig(6, top_k=top_k)
+    temperature = sampling.check_temperature(1e300)
+    choose = jax.jit(jax.vmap(lambda k: sampling.choose(
+        logits, cfg, temperature, 1.0, sampling.step_noise(k[None], 0, 6))[0]))
+    tokens = np.asarray(choose(jax.random.split(jax.random.key(1), draws)))
+    freq = np.bincount(tokens, minlength=6) / draws
+    allowed = np.argsort(-logits[0])[:kept]
+    np.testing.assert_allclose(freq[allowed], 1 / kept, atol=4 * np.sqrt(1 / kept / draws))
+    assert freq.sum() == pytest.approx(freq[allowed].sum())
+
+
+def test_top_p_at_tiny_temperature_keeps_only_the_best_token():
+  logits = np.array([[1.0, 3.0, 2.999, -5.0]], np.float32)
+  cfg = sampling.SamplingConfig(4, use_top_p=True)
+  kept = sampling.filter_logits(logits, cfg, 0.9, sampling.check_temperature(1e-40))
+  np.testing.assert_array_equal(np.isfinite(np.asarray(kept)), [[False, True, False, False]])
+
+
+@pytest.mark.parametrize("temperature,error,match", [
+    (float("nan"), ValueError, "temperature must be >= 0"),
+    (-1e-9, ValueError, "temperature must be >= 0"),
+    ("hot", TypeError, "temperature must be a real number"),
+    (True, TypeError, "temperature must be a real number"),
+])
+def test_bad_temperatures_are_refused(params, temperature, error, match):
+  with pytest.raises(error, match=match):
+    generation.generate(params, CONFIG, PROMPT, 3, jax.random.key(1), temperature=temperature)
+
+
+def test_jax_scalar_options_are_accepted(params):
+  plain = generation.generate(params, CONFIG, PROMPT, 8, jax.random.key(2), temperature=0.5,
+                              **ENGINE).tokens
+  scalar = generation.generate(params, CONFIG, PROMPT, 8, jax.random.key(2),
+                               temperature=jnp.float32(0.5), **ENGINE).tokens
+  np.testing.assert_array_equal(scalar, plain)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(eos_id=True), ValueError, "eos_id must be an integer token id"),
+    (dict(eos_id=np.bool_(False)), ValueError, "eos_id must be an integer token id"),
+    (dict(strategy="eager", chunk=-1), ValueError, "chunk must be a power of two"),
+    (dict(strategy="lazy", chunk=0), ValueError, "chunk must be a power of two"),
+    (dict(chunk=2.0), TypeError, "chunk must be an integer"),
+    (dict(row_keys=jax.random.split(jax.random.key(0), 3)), ValueError, "one key per row"),
+    (dict(row_keys=np.zeros((2,), np.float32)), TypeError, "row_keys must be"),
+])
+def test_bad_sampling_and_engine_options_are_refused(params, kwargs, error, match):
+  with pytest.raises(error, match=match):
+    generation.generate(params, CONFIG, PROMPT, 3, **({"key": None} if "row_keys" in kwargs
+                                                      else {"key": jax.random.key(1)}), **kwargs)
+
+
+def test_non_finite_parameters_are_refused_unless_allowed(params):
+  broken = jax.tree.map(np.array, params)
+  broken["params"]["ln_f"]["scale"][3] = np.nan
+  broken["params"]["stack"]["blocks"]["mixer"]["filter"]["bias"][0, 1] = np.inf
+  for run in (lambda **kw: generation.generate(broken, CONFIG, PROMPT, 3, jax.random.key(1), **kw),
+              lambda **kw: generation.teacher_forced_logits(broken, CONFIG, PROMPT, **kw)):
+    with pytest.raises(ValueError, match=r"(?s)non-finite.*(filter/bias.*params/ln_f/scale|"
+                       r"params/ln_f/scale.*filter/bias)"):
+      run()
+    run(check_finite=False)  # the user's choice: runs (NaN logits are then theirs)
+
+
+def test_a_row_samples_the_same_tokens_whatever_its_batch():
+  """Row b's noise comes from (key, b, step): the same alone, in a larger batch, and, with
+  row_keys, wherever the row sits."""
+  params = init_params(CONFIG, jax.random.key(0))
+  prompts = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+  run = lambda prompt, **kw: np.asarray(generation.generate(
+      params, CONFIG, prompt, 12, temperature=1.5, **ENGINE, **kw).tokens)
+  key = jax.random.key(11)
+  batch = run(prompts, key=key)
+  np.testing.assert_array_equal(run(prompts[:2], key=key), batch[:2])
+  keys = sampling.row_keys(key, 3)
+  for b in range(3):
+    np.testing.assert_array_equal(run(prompts[b:b + 1], row_keys=keys[b:b + 1]), batch[b:b + 1])
+  np.testing.assert_array_equal(run(prompts[::-1], row_keys=keys[::-1]), batch[::-1])
+  assert len({tuple(row) for row in batch}) == 3  # really sampled
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(params, monkeypatch):
+  monkeypatch.setattr(memory, "available_bytes", lambda device=None: (10_000, "a test limit"))
+  with pytest.raises(memory.InsufficientMemoryError,
+                     match=r"needs an estimated .*parameters .*filter tables .*working memory .*"
+                     r"more than the 9.8 KiB of a test limit; reduce the batch size.*"
+                     r"check_memory=False"):
+    generation.generate(params, CONFIG, PROMPT, 5, jax.random.key(1), **ENGINE)
+  with pytest.raises(memory.InsufficientMemoryError, match="score fewer"):
+    generation.teacher_forced_logits(params, CONFIG, PROMPT)
+  out = generation.generate(params, CONFIG, PROMPT, 5, jax.random.key(1), check_memory=False,
+                            **ENGINE)
+  assert out.tokens.shape == (2, 5)
+
+
+def test_a_state_larger_than_the_host_is_refused_without_running():
+  """Flash rings of 2^19 rows for 40,000 rows of 2 x 8 channels: terabytes; refused from the
+  compiled program's memory analysis, nothing allocated."""
+  config = CONFIG.replace(l_max=1 << 20)
+  params = init_params(config, jax.random.key(0))
+  prompt = np.ones((40_000, 1), np.int32)
+  with pytest.raises(memory.InsufficientMemoryError, match=r"needs an estimated [0-9.]+ TiB"):
+    generation.generate(params, config, prompt, (1 << 20) - 1, temperature=0.0)
