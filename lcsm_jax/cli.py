@@ -230,6 +230,7 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
                     seed: int, *, chunk_tokens: int, strategy: str = "flash",
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, tau: str | int = "auto",
+                    check_memory: bool = True,
                     stats: GenerationStats | None = None) -> Iterator[np.ndarray]:
   """Yields the `num_tokens` tokens after `prompt_ids` (P,) in chunks of ids (<= chunk_tokens,).
 
@@ -258,7 +259,7 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
                                               vocab_size=config.vocab_size)
       out = generation.generate(params, config, ids[None], num, key, strategy=strategy,
                                 temperature=temperature, top_k=top_k, top_p=top_p,
-                                gumbel_noise=noise, tau=tau)
+                                gumbel_noise=noise, tau=tau, check_memory=check_memory)
       chunk = np.asarray(out.tokens[0])
       elapsed = time.perf_counter() - began
     stats.calls += 1
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--chunk_tokens", type=_int_at_least(0), default=DEFAULT_CHUNK_TOKENS,
                       help="Tokens per generate call, printed as each call returns (each "
                       "new chunk shape compiles once); 0: one call.")
+  parser.add_argument("--no_memory_check", action="store_true",
+                      help="Run even when the estimated memory exceeds what this machine has "
+                      "free (by default such a run is refused before it starts).")
   parser.add_argument("--compare_lazy", action="store_true",
                       help="Also generate with the lazy strategy and the same seed; report "
                       "whether the text is identical and the speed-up.")
@@ -365,21 +369,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConfig,
                         tokenizer: Tokenizer, prompt_ids: np.ndarray, strategy: str,
                         out: TextIO | None, err: TextIO) -> tuple[np.ndarray, GenerationStats]:
-  """Runs `generate_chunks`; writes the text to `out` (None: silent), progress to `err` when
-  `out` is not a terminal and there are several chunks."""
+  """Runs `generate_chunks`; writes the prompt and the text to `out` (None: silent), progress
+  to `err` when `out` is not a terminal and there are several chunks. The prompt is written with
+  the first chunk, so that a run refused before it starts (memory) prints nothing on `out`."""
   stats = GenerationStats(strategy)
   decode = tokenizer.decoder()
+  head = tokenizer.decoder()(prompt_ids, True)
   chunks = []
   num_chunks = -(-args.num_tokens // (args.chunk_tokens or args.num_tokens))
   progress = out is not None and num_chunks > 1 and not out.isatty()
   for chunk in generate_chunks(params, config, prompt_ids, args.num_tokens, args.seed,
                                chunk_tokens=args.chunk_tokens, strategy=strategy,
                                temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, tau=args.tau, stats=stats):
+                               top_p=args.top_p, tau=args.tau,
+                               check_memory=not args.no_memory_check, stats=stats):
     chunks.append(chunk)
     if out is not None:
-      out.write(decode(chunk, False))
+      out.write(head + decode(chunk, False))
       out.flush()
+      head = ""
     if progress:
       print(f"[{strategy}: {stats.tokens}/{args.num_tokens} tokens, "
             f"{stats.run_s + stats.compile_s:.1f} s]", file=err, flush=True)
@@ -399,8 +407,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   print(f"{PROG}: {description} (vocabulary {config.vocab_size}, {tokenizer.name}, "
         f"l_max {config.l_max}); strategy {args.strategy}, seed {args.seed}", file=err,
         flush=True)
-  out.write(tokenizer.decoder()(prompt_ids, True))
-  out.flush()
   tokens, stats = _generate_and_print(args, params, config, tokenizer, prompt_ids,
                                       args.strategy, out, err)
   print(stats.summary(), file=err)

@@ -172,3 +172,16 @@ def test_subprocess_end_to_end():
   assert result.stdout.startswith("class ") and result.stdout.endswith("\n")
   assert "flash: 12 tokens in" in result.stderr and "tokens/s" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_a_run_that_does_not_fit_is_refused_before_any_text(capsys, monkeypatch):
+  from lcsm_jax import memory
+  monkeypatch.setattr(memory, "available_bytes", lambda device=None: (50_000, "a test limit"))
+  argv = ["--prompt", "ab", "--num_tokens", "4", "--chunk_tokens", "0", "--temperature", "0"]
+  code, out, err = _run(capsys, *argv)
+  assert code == 2 and out == ""
+  assert "lcsm-generate: error: this run needs an estimated" in err
+  assert "more than the 48.8 KiB of a test limit" in err
+  code, out, err = _run(capsys, *argv, "--no_memory_check")
+  assert code == 0, err
+  assert out.startswith("ab") and len(out) > len("ab\n")
