@@ -185,3 +185,16 @@ def test_a_run_that_does_not_fit_is_refused_before_any_text(capsys, monkeypatch)
   code, out, err = _run(capsys, *argv, "--no_memory_check")
   assert code == 0, err
   assert out.startswith("ab") and len(out) > len("ab\n")
+
+
+def test_extreme_temperatures_are_their_limits_without_warnings(capsys):
+  argv = ["--prompt", "def ", "--num_tokens", "24", "--chunk_tokens", "0"]
+  code, greedy, _ = _run(capsys, *argv, "--temperature", "0")
+  assert code == 0
+  code, tiny, err = _run(capsys, *argv, "--temperature", "1e-40")
+  assert code == 0, err
+  assert tiny == greedy
+  code, hot, err = _run(capsys, *argv, "--temperature", "1e300", "--top_k", "256")
+  assert code == 0, err
+  assert "Warning" not in err and "overflow" not in err
+  assert hot != greedy and len(hot.encode()) >= len("def ")
