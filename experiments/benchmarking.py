@@ -26,7 +26,6 @@ import os
 import pathlib
 import platform
 import resource
-import statistics
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -37,14 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from lcsm_jax import autotune
-from lcsm_jax import config as config_lib
 from lcsm_jax import engine
 from lcsm_jax import generation
 from lcsm_jax import synthetic
 from lcsm_jax.engine import EngineOptions
-from lcsm_jax.model import HyenaLM, init_params
+from lcsm_jax.models.hyena import config as config_lib
+from lcsm_jax.models.hyena.model import HyenaLM
+from lcsm_jax.models.hyena.params import init_params
 from lcsm_jax.online import HyenaOnline
+from lcsm_jax.tuning import machine as machine_lib
+from lcsm_jax.tuning.timing import median_seconds  # the runners' timing loop (used as ours)
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 # A store from another machine (any of these differ) is set aside, not mixed with new points.
@@ -57,7 +58,7 @@ MACHINE_KEYS = ("processor", "cpu_model", "cpus", "jax", "backend", "device")
 def machine() -> dict[str, Any]:
   """What the numbers were measured on."""
   return {"processor": platform.processor() or platform.machine(),
-          "cpu_model": autotune.cpu_model(), "cpus": os.cpu_count(),
+          "cpu_model": machine_lib.cpu_model(), "cpus": os.cpu_count(),
           "platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind,
@@ -85,19 +86,6 @@ def available_memory_bytes() -> int | None:
 def max_rss_bytes() -> int:
   """Peak resident memory of this process so far (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1
-                   ) -> tuple[float, list[float]]:
-  """Median wall time of `run()` over `repeats` >= 1 runs after `warmup` untimed runs."""
-  for _ in range(warmup):
-    jax.block_until_ready(run())
-  times = []
-  for _ in range(max(repeats, 1)):
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
 
 
 def memory_of(executable) -> dict[str, int]:

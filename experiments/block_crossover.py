@@ -10,12 +10,12 @@ r"""Direct vs FFT flash blocks per block size U on this machine, and what the ch
    call flash makes, `blocks.apply_block`) with the direct (O(U^2)) and the FFT (precomputed
    spectra) implementation, measured two ways: "in_loop", the block repeated inside one compiled
    loop over sliding windows (what flash pays: no dispatch), and "per_call", one jitted call
-   (what `lcsm_jax/autotune.py` measures, dispatch included; `autotune.time_block` itself, over
-   S * B * D channels). Direct stops being timed once it is --stop_ratio times slower than FFT.
-   The crossover (largest U up to which direct was never slower) is reported for both, beside
-   the one `tau='auto'` uses now (`autotune.crossover`, from its cache); with --write_cache the
-   in-loop crossover and table are written to autotune's cache for this backend and channel
-   count (`$LCSM_JAX_CACHE_DIR/crossover.json`), so later runs of tau='auto' use it.
+   (what `lcsm_jax/tuning/crossover.py` measures, dispatch included; its `time_block` itself,
+   over S * B * D channels). Direct stops being timed once it is --stop_ratio times slower than
+   FFT. The crossover (largest U up to which direct was never slower) is reported for both,
+   beside the one `tau='auto'` uses now (`crossover.crossover`, from its cache); with
+   --write_cache the in-loop crossover and table are written to that cache for this backend and
+   channel count (`$LCSM_JAX_CACHE_DIR/crossover.json`), so later runs of tau='auto' use it.
 2. The total flash generation time of the stack at --length for every tau in --taus ('auto',
    'fft', 'direct' or an integer crossover); taus with direct blocks above --max_direct_size are
    skipped.
@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from experiments import benchmarking
-from lcsm_jax import autotune
 from lcsm_jax import blocks as blocks_lib
 from lcsm_jax import schedule
+from lcsm_jax.tuning import crossover as crossover_lib
 from lcsm_jax.engine import EngineOptions
 
 METHODS = ("direct", "fft")
@@ -58,7 +58,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "the flash runs.", **fv)
   flags.DEFINE_integer("max_direct_size", 256, "Skip taus whose plan has larger direct blocks.",
                        **fv)
-  flags.DEFINE_bool("write_cache", False, "Write the in-loop crossover into autotune's cache.",
+  flags.DEFINE_bool("write_cache", False, "Write the in-loop crossover into tau='auto''s cache.",
                     **fv)
   flags.DEFINE_string("out", str(benchmarking.RESULTS_DIR / "block_crossover.json"), "JSON "
                       "output; the CSV and PNG are written beside it.", **fv)
@@ -94,7 +94,7 @@ def time_block_in_loop(method: str, size: int, streams: int, batch: int, width: 
 
 def crossover_of(table: dict[int, dict[str, float | None]]) -> int:
   """Largest U such that direct was timed and no slower than FFT at every U' <= U (0: none);
-  the definition `autotune.measure_crossover` uses."""
+  the definition `crossover_lib.measure_crossover` uses."""
   best = 0
   for size in sorted(table):
     direct, fft = table[size].get("direct"), table[size].get("fft")
@@ -135,8 +135,8 @@ def run_crossover(work: benchmarking.Workload, max_size: int, repeats: int, stop
           measure = lambda m=method: time_block_in_loop(m, size, work.streams, work.batch,
                                                         work.width, inner, repeats)
         else:
-          measure = lambda m=method: {"seconds": autotune.time_block(m, size, channels,
-                                                                     repeats)}
+          measure = lambda m=method: {"seconds": crossover_lib.time_block(m, size, channels,
+                                                                          repeats)}
         table[size][method] = store.run(key, measure)["seconds"]
       direct, fft = table[size]["direct"], table[size]["fft"]
       if direct is not None and direct > stop_ratio * fft:
@@ -145,7 +145,7 @@ def run_crossover(work: benchmarking.Workload, max_size: int, repeats: int, stop
   summary = {"channels": channels, **shape, "crossover": crossover, "tables": {
       timing: {str(u): v for u, v in table.items()} for timing, table in tables.items()}}
   if write_cache:
-    path, key = autotune.cache_path(), autotune._cache_key(channels)  # pylint: disable=protected-access
+    path, key = crossover_lib.cache_path(), crossover_lib.cache_key(channels)
     cache = json.loads(path.read_text()) if path.exists() else {}
     cache[key] = {"crossover": crossover["in_loop"], "channels": channels,
                   "per_block_size": {str(u): v for u, v in tables["in_loop"].items()},
@@ -153,8 +153,8 @@ def run_crossover(work: benchmarking.Workload, max_size: int, repeats: int, stop
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cache, indent=2, sort_keys=True))
     logging.info("wrote crossover %d for %s to %s", crossover["in_loop"], key, path)
-  summary["autotune_crossover"] = autotune.crossover(channels, max_size)
-  summary["autotune_cache"] = str(autotune.cache_path())
+  summary["autotune_crossover"] = crossover_lib.crossover(channels, max_size)
+  summary["autotune_cache"] = str(crossover_lib.cache_path())
   logging.info("crossover: in-loop %d, per-call %d; tau='auto' uses %d", crossover["in_loop"],
                crossover["per_call"], summary["autotune_crossover"])
 

@@ -32,7 +32,7 @@ from absl import logging
 import numpy as np
 
 from experiments import benchmarking
-from lcsm_jax import config as config_lib
+from lcsm_jax.models.hyena import config as config_lib
 from lcsm_jax.engine import EngineOptions
 
 
@@ -40,7 +40,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = dict(flag_values=flag_values)
   flags.DEFINE_enum("model", "lm", ["lm", "stack"], "The language model or the mixing-only "
                     "stack (of the preset's layers and width).", **fv)
-  flags.DEFINE_string("preset", "large-1m", "HyenaDNA size (lcsm_jax.config.PRESETS).", **fv)
+  flags.DEFINE_string("preset", "large-1m", "HyenaDNA size (lcsm_jax.PRESETS).", **fv)
   flags.DEFINE_integer("length", 8192, "Sequence length L (2^20 = 1048576 for the full run).",
                        **fv)
   flags.DEFINE_integer("batch", 1, "Batch rows.", **fv)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import statistics
 import time
 from typing import Callable, Sequence
 
@@ -44,7 +43,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from lcsm_jax import autotune
+from lcsm_jax.tuning import machine
+from lcsm_jax.tuning import timing
 import pallas_kernels
 
 METHODS = ("pallas", "pallas_mxu", "direct", "fft")
@@ -90,14 +90,8 @@ def time_compiled(fn: Callable, args: Sequence[jax.Array], warmup: int,
   compile_s = time.perf_counter() - start
   out = compiled(*args)
   out.block_until_ready()
-  for _ in range(warmup):
-    compiled(*args).block_until_ready()
-  times = []
-  for _ in range(max(repeats, 1)):
-    start = time.perf_counter()
-    compiled(*args).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), compile_s, out
+  seconds, _ = timing.median_seconds(lambda: compiled(*args), repeats, warmup)
+  return seconds, compile_s, out
 
 
 def crossover(per_size: dict[int, dict[str, float | None]], method: str) -> int:
@@ -138,7 +132,7 @@ def run_crossover(sizes: Sequence[int], streams: int, batch: int, channels: int,
   table: dict = {
       "backend": jax.default_backend(),
       "device": getattr(device, "device_kind", str(device)),
-      "cpu_model": autotune.cpu_model(),
+      "cpu_model": machine.cpu_model(),
       "jax_version": jax.__version__,
       "interpret": bool(interpret) or (interpret is None and on_cpu),
       "shape": {"streams": streams, "batch": batch, "channels": channels, "dtype": dtype},

@@ -3,19 +3,19 @@
   python experiments/train_lm.py --workdir=/tmp/byte_lm
 
 The defaults are the configuration of the model shipped in `lcsm_jax/assets/byte_lm/` (about
-20 minutes on 2 CPU cores). The loop lives in `lcsm_jax/training.py`, the corpus in
-`lcsm_jax/corpus.py`. Outputs (see `training.train_and_evaluate`): `WORKDIR/checkpoint/` with
-config.json, params.safetensors, metrics.json, heldout_sample.npy; and `WORKDIR/log.jsonl`.
+20 minutes on 2 CPU cores). The loop lives in `lcsm_jax/training/trainer.py`, the corpus in
+`lcsm_jax/training/corpus.py`. Outputs (see `trainer.train_and_evaluate`): `WORKDIR/checkpoint/`
+with config.json, params.safetensors, metrics.json, heldout_sample.npy; and `WORKDIR/log.jsonl`.
 """
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from lcsm_jax import corpus
 from lcsm_jax import text
-from lcsm_jax import training
-from lcsm_jax.config import HyenaConfig
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.training import corpus
+from lcsm_jax.training import trainer
 
 FLAGS = flags.FLAGS
 
@@ -56,15 +56,15 @@ def main(argv):
       vocab_size=text.VOCAB_SIZE, d_model=FLAGS.d_model, n_layer=FLAGS.n_layer,
       d_inner=FLAGS.d_inner, order=FLAGS.order, l_max=FLAGS.l_max,
       filter_order=FLAGS.filter_order, pad_vocab_size_multiple=8)
-  train_config = training.TrainConfig(
+  train_config = trainer.TrainConfig(
       seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
       learning_rate=FLAGS.learning_rate,
       filter_learning_rate=FLAGS.filter_learning_rate, warmup_steps=FLAGS.warmup_steps,
       weight_decay=FLAGS.weight_decay, grad_clip=FLAGS.grad_clip,
       eval_interval=FLAGS.eval_interval, log_interval=FLAGS.log_interval,
       eval_windows=FLAGS.eval_windows, train_pos_emb=FLAGS.train_pos_emb, seed=FLAGS.seed)
-  training.train_and_evaluate(model_config, train_config, data.train, data.validation,
-                              FLAGS.workdir, extra_metadata={"corpus": data.describe()})
+  trainer.train_and_evaluate(model_config, train_config, data.train, data.validation,
+                             FLAGS.workdir, extra_metadata={"corpus": data.describe()})
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ seed. Each chunk shape compiles once; compile time is reported apart from genera
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import dataclasses
 import functools
 import math
 import os
-import pathlib
 import signal
 import sys
 import threading
@@ -32,13 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcsm_jax import checkpoint
 from lcsm_jax import engine
 from lcsm_jax import generation
-from lcsm_jax import pretrained
 from lcsm_jax import sampling
-from lcsm_jax import text
-from lcsm_jax.config import HyenaConfig
+from lcsm_jax.io.detect import load_checkpoint
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.text import Tokenizer, tokenizer_for
+from lcsm_jax.tuning.timing import CompileTimer
 
 PROG = "lcsm-generate"
 DEFAULT_CHUNK_TOKENS = 256
@@ -49,102 +47,6 @@ SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
 # Exit codes (see `main`).
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
-
-# The HyenaDNA character tokenizer (`CharacterTokenizer` of HazyResearch/hyena-dna with
-# characters A, C, G, T, N): seven special tokens, then the characters from id 7.
-HYENADNA_VOCAB = ("[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]",
-                  "A", "C", "G", "T", "N")
-
-
-# -- Tokenizers. ---------------------------------------------------------------------------------
-
-class Tokenizer:
-  """Text <-> token ids for one vocabulary."""
-
-  name: str = ""
-  default_prompt: str = ""
-
-  def encode(self, prompt: str) -> np.ndarray:
-    """Prompt text -> int32 ids (P,)."""
-    raise NotImplementedError
-
-  def decoder(self) -> Callable[[np.ndarray, bool], str]:
-    """An incremental decoder: `(ids (n,), final) -> text` for successive chunks."""
-    raise NotImplementedError
-
-
-class ByteTokenizer(Tokenizer):
-  """UTF-8 bytes (`lcsm_jax.text`); a character split between chunks is printed once whole."""
-
-  name = "bytes (UTF-8)"
-  default_prompt = "def "
-
-  def encode(self, prompt: str) -> np.ndarray:
-    return text.encode(prompt)
-
-  def decoder(self) -> Callable[[np.ndarray, bool], str]:
-    incremental = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def decode(ids: np.ndarray, final: bool = False) -> str:
-      ids = np.asarray(ids).reshape(-1)
-      if ids.size and (ids.min() < 0 or ids.max() >= text.VOCAB_SIZE):
-        raise ValueError(f"byte ids must lie in [0, {text.VOCAB_SIZE}), got values in "
-                         f"[{ids.min()}, {ids.max()}].")
-      return incremental.decode(ids.astype(np.uint8).tobytes(), final)
-
-    return decode
-
-
-class CharacterTokenizer(Tokenizer):
-  """One token per character of a fixed vocabulary (HyenaDNA's character tokenizer)."""
-
-  name = "HyenaDNA characters (A=7, C=8, G=9, T=10, N=11)"
-  default_prompt = "ACGT"
-
-  def __init__(self, vocab: Sequence[str] = HYENADNA_VOCAB):
-    self.vocab = tuple(vocab)
-    self.characters = {tok: i for i, tok in enumerate(self.vocab) if len(tok) == 1}
-
-  def encode(self, prompt: str) -> np.ndarray:
-    prompt = prompt.upper()
-    unknown = sorted(set(prompt) - set(self.characters))
-    if unknown:
-      raise ValueError(f"the prompt holds characters the HyenaDNA tokenizer does not know: "
-                       f"{''.join(unknown)!r}; use only {''.join(self.characters)}.")
-    return np.array([self.characters[c] for c in prompt], np.int32)
-
-  def decoder(self) -> Callable[[np.ndarray, bool], str]:
-    return lambda ids, final=False: "".join(self.vocab[i] for i in np.asarray(ids).reshape(-1))
-
-
-def tokenizer_for(config: HyenaConfig) -> Tokenizer:
-  """The tokenizer implied by the vocabulary size: 256 -> bytes, 12 -> HyenaDNA characters."""
-  if config.vocab_size == text.VOCAB_SIZE:
-    return ByteTokenizer()
-  if config.vocab_size == len(HYENADNA_VOCAB):
-    return CharacterTokenizer()
-  raise ValueError(
-      f"no tokenizer is known for a vocabulary of {config.vocab_size} ids: {PROG} knows UTF-8 "
-      f"bytes ({text.VOCAB_SIZE} ids) and the HyenaDNA character tokenizer "
-      f"({len(HYENADNA_VOCAB)} ids: {', '.join(HYENADNA_VOCAB)}).")
-
-
-def load_model(path: str | None) -> tuple[HyenaConfig, Any, str]:
-  """(config, params, description): the shipped byte model (path None), a directory written by
-  `checkpoint.save_params` (config.json + params.safetensors), or a HyenaDNA checkpoint."""
-  if path is None:
-    config, params, _ = pretrained.load_byte_lm()
-    return config, params, "the shipped byte-level LM"
-  location = pathlib.Path(path)
-  if not location.exists():
-    raise FileNotFoundError(f"no checkpoint at {path!r}.")
-  own = location.is_dir() and (location / checkpoint.OWN_WEIGHTS).is_file() and not any(
-      (location / name).exists() for name in checkpoint.WEIGHT_FILES)
-  if own:
-    config, params = checkpoint.load_params(location)
-  else:
-    config, params = checkpoint.load_hyenadna(location)
-  return config, params, str(path)
 
 
 # -- Chunked, exact generation with timing. --------------------------------------------------------
@@ -171,27 +73,6 @@ class GenerationStats:
             "not counted)")
 
 
-_COMPILE_EVENTS = "/jax/core/compile/"
-
-
-class CompileTimer:
-  """Sums the durations JAX records for tracing, lowering and compiling while active."""
-
-  def __init__(self):
-    self.seconds = 0.0
-
-  def _listen(self, event: str, duration: float, **kwargs) -> None:
-    if event.startswith(_COMPILE_EVENTS):
-      self.seconds += duration
-
-  def __enter__(self) -> "CompileTimer":
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
 @functools.partial(jax.jit, static_argnames=("num", "vocab_size"))
 def _step_noise(key: jax.Array, start: jax.Array, *, num: int, vocab_size: int) -> jax.Array:
   """Gumbel noise (1, num, vocab_size) of generation steps start .. start + num - 1, exactly as
@@ -205,8 +86,8 @@ def _warm_autotune(config: HyenaConfig, strategy: str, tau: str | int) -> None:
   """Resolves tau='auto' (measuring the direct/FFT crossover if this machine has no cached
   one) before anything is timed. Channels as the engine counts them for a batch of one."""
   if strategy == "flash" and tau == "auto":
-    from lcsm_jax import autotune
-    autotune.crossover(config.num_streams * config.d_model)
+    from lcsm_jax.tuning import crossover as crossover_lib
+    crossover_lib.crossover(config.num_streams * config.d_model)
 
 
 def check_request(config: HyenaConfig, prompt_ids: np.ndarray, num_tokens: int,
@@ -399,7 +280,7 @@ def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConf
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   """Loads the model, streams the text to `out`, reports to `err`. Returns the exit code."""
-  config, params, description = load_model(args.checkpoint)
+  config, params, description = load_checkpoint(args.checkpoint)
   tokenizer = tokenizer_for(config)
   prompt = tokenizer.default_prompt if args.prompt is None else args.prompt
   prompt_ids = tokenizer.encode(prompt)

@@ -104,11 +104,12 @@ def make_mixer(strategy: str, num_steps: int, channels: int, options: EngineOpti
 
 @functools.lru_cache(maxsize=256)
 def _block_config(sizes, tau, channels, layer_parallel, precomputed_spectra, spectra_max_size):
-  from lcsm_jax import autotune  # measures only for tau='auto' when nothing is cached
+  # measures only for tau='auto' when nothing is cached
+  from lcsm_jax.tuning import crossover as crossover_lib
   tau = dict(tau) if isinstance(tau, tuple) else tau
   return blocks_lib.block_config(
-      sizes, tau, crossover=lambda: autotune.crossover(channels, max(sizes, default=1)),
-      pallas_crossover=autotune.pallas_crossover,
+      sizes, tau, crossover=lambda: crossover_lib.crossover(channels, max(sizes, default=1)),
+      pallas_crossover=crossover_lib.pallas_crossover,
       layer_parallel=layer_parallel, precomputed_spectra=precomputed_spectra,
       spectra_max_size=spectra_max_size)
 

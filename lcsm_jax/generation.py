@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lcsm_jax import checkpoint
 from lcsm_jax import engine
 from lcsm_jax import memory
 from lcsm_jax import sampling
 from lcsm_jax import validation
-from lcsm_jax.config import HyenaConfig
 from lcsm_jax.engine import EngineOptions
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.params import check_params_match
 from lcsm_jax.online import HyenaOnline
 
 Array = jax.Array
@@ -127,9 +127,9 @@ def _teacher_forced(params, tables, constants, tokens, *, online, mixer, prompt_
 
 def _prepare(params, config: HyenaConfig, strategy: str, num_steps: int, total: int, batch: int,
              options: EngineOptions, check_finite: bool):
-  validation.check_params_match(config, params)
+  check_params_match(config, params)
   if check_finite:
-    checkpoint.check_finite(params)
+    validation.check_finite(params)
   online = HyenaOnline(config)
   mixer = engine.make_mixer(strategy, num_steps, online.num_streams * batch * online.width,
                             options)

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcsm_jax.config import HyenaConfig
-from lcsm_jax.model import HyenaLM
-from lcsm_jax.modules import HyenaBlock
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.model import HyenaLM
+from lcsm_jax.models.hyena.modules import HyenaBlock
 
 Array = jax.Array
 Params = Any

@@ -1,8 +1,9 @@
 """Checks of user inputs with clear errors, shared by the public entry points.
 
 Every function either returns a normalised value or raises `TypeError` (wrong kind of value)
-or `ValueError` (right kind, wrong value) with a message that names the argument, what was
-expected and what was given.
+or `ValueError` (right kind, wrong value; `CheckpointError` for non-finite parameters) with a
+message that names the argument, what was expected and what was given. The checks of a
+parameter tree against a config are in `lcsm_jax.models.hyena.params`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcsm_jax import checkpoint
-from lcsm_jax.config import HyenaConfig
+from lcsm_jax.errors import CheckpointError
+from lcsm_jax.models.hyena.config import HyenaConfig
 
 # Parameter / activation dtypes the model supports (float64 only under jax_enable_x64).
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float64")
@@ -113,11 +114,89 @@ def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
   return resolved
 
 
-def check_params_match(config: HyenaConfig, params: Any) -> None:
-  """`params` must be `{'params': ...}` for `HyenaLM(config)`: every path and shape is checked
-  by `checkpoint.check_params`, which raises `CheckpointError` (a `ValueError`) naming each
-  missing, unexpected or mis-shaped parameter."""
-  check_config(config)
-  if not isinstance(params, dict) and not hasattr(params, "keys"):
-    raise TypeError(f"params must be a dict {{'params': ...}}, got {type(params).__name__}.")
-  checkpoint.check_params(config, params)
+def is_float(dtype: Any) -> bool:
+  """Whether `dtype` is a floating-point dtype (unlike NumPy's test, also true for bfloat16)."""
+  return jnp.issubdtype(dtype, jnp.floating)
+
+
+def name_problems(want, got, noun: str) -> list[str]:
+  """Messages naming every key of `want` missing from `got` and every unexpected key."""
+  problems = []
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  if missing:
+    problems.append(f"missing {noun}: " + ", ".join(missing))
+  if unexpected:
+    problems.append(f"unexpected {noun}: " + ", ".join(unexpected))
+  return problems
+
+
+def _param_paths(params: Any) -> list[tuple[str, Any]]:
+  """('/'-joined path, leaf) of every leaf of a parameter tree, as `check_params` names them."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = []
+  for path, leaf in leaves:
+    keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+    names.append(("/".join(str(k) for k in keys), leaf))
+  return names
+
+
+@jax.jit
+def _all_finite_on_device(arrays: list[jax.Array]) -> list[jax.Array]:
+  return [jnp.all(jnp.isfinite(x)) for x in arrays]
+
+
+def non_finite_paths(params: Any) -> list[str]:
+  """The paths ('/'-joined, e.g. 'params/ln_f/scale') of every floating-point array in
+  `params` that holds a NaN or an infinity, in tree order; [] when all are finite.
+
+  Cheap: for host arrays (NumPy, or JAX arrays on the CPU) one min and one max per array, NaN
+  propagating, with no temporary except a float32 copy of bfloat16 (NumPy's reductions need a
+  native float); arrays on an accelerator are reduced there by one jitted program, and only
+  booleans are copied back. Non-floating leaves are skipped (`check_params` reports them).
+
+  Raises:
+    TypeError: a traced value (call it outside `jax.jit`, on concrete parameters).
+  """
+  entries = _param_paths(params)
+  bad, on_device = [], []
+  for name, leaf in entries:
+    if isinstance(leaf, jax.core.Tracer):
+      raise TypeError(f"non_finite_paths needs concrete arrays, got a traced value at {name} "
+                      "(inside jit/vmap); call it outside of JAX transformations.")
+    if isinstance(leaf, jax.Array) and any(d.platform != "cpu" for d in leaf.devices()):
+      if is_float(leaf.dtype):
+        on_device.append((name, leaf))
+      continue
+    array = np.asarray(leaf)
+    if not is_float(array.dtype) or array.size == 0:
+      continue
+    if array.dtype not in (np.float16, np.float32, np.float64, np.longdouble):
+      array = array.astype(np.float32)  # bfloat16: NumPy's reductions need a native float
+    if not (np.isfinite(array.min()) and np.isfinite(array.max())):  # NaN propagates
+      bad.append(name)
+  if on_device:
+    finite = jax.device_get(_all_finite_on_device([leaf for _, leaf in on_device]))
+    bad += [name for (name, _), ok in zip(on_device, finite) if not ok]
+  order = {name: i for i, (name, _) in enumerate(entries)}
+  return sorted(bad, key=order.__getitem__)
+
+
+def check_finite(params: Any, *, name: str = "the parameters") -> None:
+  """Raises `CheckpointError` naming every parameter (path and count) that holds NaN or inf.
+
+  Non-finite weights make every logit NaN (and sampling then returns token 0 forever), so
+  `load_params` and `save_params` refuse them; generation code can call this too. See
+  `non_finite_paths` for the cost. `name` starts the message ('the parameters in ...').
+  """
+  bad = non_finite_paths(params)
+  if not bad:
+    return
+  leaves = dict(_param_paths(params))
+  lines = []
+  for path in bad:
+    values = np.asarray(jax.device_get(leaves[path])).astype(np.float32)
+    lines.append(f"{path} holds non-finite values (NaN or inf): "
+                 f"{values.size - np.count_nonzero(np.isfinite(values))} of {values.size}")
+  raise CheckpointError(f"{name} hold non-finite values, which would make every output NaN:\n  "
+                        + "\n  ".join(lines))

@@ -1,7 +1,7 @@
 """Test helpers: this project's parameters -> a HyenaDNA (PyTorch-layout) state dict.
 
 Written key by key from the HyenaDNA module structure, independently of the table in
-`lcsm_jax/checkpoint.py` that maps the other way, so that the random-model tests can run the
+`lcsm_jax/io/hyenadna.py` that maps the other way, so that the random-model tests can run the
 independent NumPy reference (`numpy_reference.py`) on Flax-initialised parameters, and the
 two mappings can be checked against each other by a round trip.
 """

@@ -91,16 +91,17 @@ def test_auto_uses_pallas_only_with_a_measured_table():
 
 def test_crossover_cache_is_per_cpu_model(tmp_path, monkeypatch):
   """A crossover cached on another CPU model is not used here; one cached here is."""
-  from lcsm_jax import autotune  # pylint: disable=g-import-not-at-top
+  from lcsm_jax.tuning import crossover as crossover_lib  # pylint: disable=g-import-not-at-top
+  from lcsm_jax.tuning import machine  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("LCSM_JAX_CACHE_DIR", str(tmp_path))
   monkeypatch.delenv("LCSM_JAX_CROSSOVER", raising=False)
   measured = []
-  monkeypatch.setattr(autotune, "measure_crossover",
+  monkeypatch.setattr(crossover_lib, "measure_crossover",
                       lambda channels: measured.append(channels) or {"crossover": 16})
-  here = autotune._cache_key(300)  # pylint: disable=protected-access
-  assert autotune.cpu_model() in here and here.endswith("channels<=512")
-  other = here.replace(autotune.cpu_model(), "another CPU")
-  autotune.cache_path().write_text(json.dumps({other: {"crossover": 2}}))
-  assert autotune.crossover(300) == 16 and measured == [300]
-  assert json.loads(autotune.cache_path().read_text())[other] == {"crossover": 2}
-  assert autotune.crossover(300) == 16 and measured == [300]  # now read from the cache
+  here = crossover_lib.cache_key(300)
+  assert machine.cpu_model() in here and here.endswith("channels<=512")
+  other = here.replace(machine.cpu_model(), "another CPU")
+  crossover_lib.cache_path().write_text(json.dumps({other: {"crossover": 2}}))
+  assert crossover_lib.crossover(300) == 16 and measured == [300]
+  assert json.loads(crossover_lib.cache_path().read_text())[other] == {"crossover": 2}
+  assert crossover_lib.crossover(300) == 16 and measured == [300]  # now read from the cache

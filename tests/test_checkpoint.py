@@ -12,11 +12,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from lcsm_jax import checkpoint
-from lcsm_jax.checkpoint import (CheckpointError, check_params, load_hyenadna, load_params,
-                                 params_from_state_dict, read_metadata, save_params)
-from lcsm_jax.config import HyenaConfig
-from lcsm_jax.model import cast_params, init_params
+from lcsm_jax.errors import CheckpointError
+from lcsm_jax.io import native
+from lcsm_jax.io.hyenadna import load_hyenadna, params_from_state_dict
+from lcsm_jax.io.native import load_params, read_metadata, save_params
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.params import cast_params, check_params, init_params
 from state_dict_helpers import state_dict_from_params
 
 LAYER0 = "backbone.layers.0."
@@ -316,12 +317,12 @@ def test_save_load_round_trip_bfloat16_native(tmp_path, small_params):
 def test_save_load_round_trip_bfloat16_fallback(tmp_path, monkeypatch, small_params):
   # Where safetensors cannot store bfloat16 from NumPy, the arrays go out as float32 with a
   # metadata note, and come back as bfloat16.
-  monkeypatch.setattr(checkpoint, "_safetensors_stores_bfloat16", lambda: False)
+  monkeypatch.setattr(native, "_safetensors_stores_bfloat16", lambda: False)
   params16 = cast_params(SMALL, small_params, jnp.bfloat16)
   save_params(tmp_path, SMALL, params16, metadata={"step": "3"})
   with safe_open(str(tmp_path / "params.safetensors"), framework="np") as f:
     assert f.get_tensor("params/ln_f/scale").dtype == np.float32
-    assert "params/ln_f/scale" in f.metadata()[checkpoint.BFLOAT16_AS_FLOAT32]
+    assert "params/ln_f/scale" in f.metadata()[native.BFLOAT16_AS_FLOAT32]
   _, params = load_params(tmp_path)
   _assert_same_tree(params, jax.tree.map(np.asarray, params16))
   assert read_metadata(tmp_path) == {"step": "3"}

@@ -23,11 +23,13 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import lcsm_jax
-from lcsm_jax import checkpoint
 from lcsm_jax import cli
-from lcsm_jax.checkpoint import (CheckpointError, check_finite, load_params, non_finite_paths,
-                                 read_metadata, save_params)
-from lcsm_jax.config import HyenaConfig
+from lcsm_jax import validation
+from lcsm_jax.errors import CheckpointError
+from lcsm_jax.io import native
+from lcsm_jax.io.native import load_params, read_metadata, save_params
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.validation import check_finite, non_finite_paths
 
 try:
   import fcntl
@@ -131,7 +133,7 @@ def test_non_finite_paths_bfloat16_and_jax_arrays(params_a):
   # Integer leaves are not this function's business (check_params reports their dtype).
   assert non_finite_paths({"a": np.arange(3), "b": np.zeros((0,), np.float32)}) == []
   # The reduction used for arrays on an accelerator, run here on the CPU.
-  flags = checkpoint._all_finite_on_device(
+  flags = validation._all_finite_on_device(
       [jnp.ones(3, jnp.bfloat16), jnp.array([1.0, jnp.nan]), jnp.array([jnp.inf])])
   assert [bool(f) for f in flags] == [True, False, False]
 
@@ -222,10 +224,10 @@ def test_cli_refuses_bad_config_values(tmp_path, capsys, fixture_dir, change, ma
 def test_save_records_the_config_hash(tmp_path, params_a):
   save_params(tmp_path, CFG_A, params_a, metadata={"step": "7"})
   with safe_open(str(tmp_path / "params.safetensors"), framework="np") as f:
-    recorded = f.metadata()[checkpoint.CONFIG_SHA256]
+    recorded = f.metadata()[native.CONFIG_SHA256]
   assert recorded == hashlib.sha256((tmp_path / "config.json").read_bytes()).hexdigest()
   assert read_metadata(tmp_path) == {"step": "7"}  # internal keys are hidden
-  for key in (checkpoint.CONFIG_SHA256, checkpoint.BFLOAT16_AS_FLOAT32):
+  for key in (native.CONFIG_SHA256, native.BFLOAT16_AS_FLOAT32):
     with pytest.raises(ValueError, match=rf"the metadata keys \['{key}'\] are reserved"):
       save_params(tmp_path, CFG_A, params_a, metadata={key: "x"})
 
@@ -264,7 +266,7 @@ def test_edited_config_json_is_refused_but_old_checkpoints_load(tmp_path, params
   _rewrite_weights(tmp_path, lambda flat: None)
   weights = str(tmp_path / "params.safetensors")
   with safe_open(weights, framework="np") as f:
-    metadata = {k: v for k, v in f.metadata().items() if k != checkpoint.CONFIG_SHA256}
+    metadata = {k: v for k, v in f.metadata().items() if k != native.CONFIG_SHA256}
   save_file(load_file(weights), weights, metadata=metadata)
   config, params = load_params(tmp_path)
   assert config == CFG_A
@@ -356,18 +358,18 @@ WRITER = r"""
 import sys, time
 import numpy as np
 from flax import traverse_util
-from lcsm_jax import checkpoint
-from lcsm_jax.config import HyenaConfig
+from lcsm_jax.io import native
+from lcsm_jax.models.hyena.config import HyenaConfig
 path, params_file, config_file, seconds = sys.argv[1:]
 config = HyenaConfig.from_json_file(config_file)
 with np.load(params_file) as data:
   params = traverse_util.unflatten_dict({k: data[k] for k in data.files}, sep="/")
-checkpoint.save_params(params_file + ".warm-up", config, params)  # traces the shape check
+native.save_params(params_file + ".warm-up", config, params)  # traces the shape check
 print("ready", flush=True)
 sys.stdin.readline()
 end, rounds = time.monotonic() + float(seconds), 0
 while time.monotonic() < end:
-  checkpoint.save_params(path, config, params)
+  native.save_params(path, config, params)
   rounds += 1
 print(rounds, flush=True)
 """
@@ -396,7 +398,7 @@ def test_concurrent_saves_never_load_as_a_mix(tmp_path, monkeypatch, params_a, p
     for writer in writers:
       writer.stdin.write("go\n")
       writer.stdin.flush()
-    monkeypatch.setattr(checkpoint, "_USE_LOCKS", False)
+    monkeypatch.setattr(native, "_USE_LOCKS", False)
     expected = {CFG_A: params_a, CFG_B: params_b}
     loaded, refused = {CFG_A: 0, CFG_B: 0}, 0
     while any(writer.poll() is None for writer in writers):
@@ -416,6 +418,6 @@ def test_concurrent_saves_never_load_as_a_mix(tmp_path, monkeypatch, params_a, p
       writer.kill()
   assert [writer.returncode for writer in writers] == [0, 0]
   assert min(rounds) > 0 and sum(loaded.values()) > 0, (rounds, loaded, refused)
-  monkeypatch.setattr(checkpoint, "_USE_LOCKS", True)
+  monkeypatch.setattr(native, "_USE_LOCKS", True)
   config, params = load_params(shared)  # the last save's complete pair
   _assert_same(params, expected[config])

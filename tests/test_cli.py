@@ -12,8 +12,8 @@ import pytest
 
 import lcsm_jax
 from lcsm_jax import cli
-from lcsm_jax import pretrained
 from lcsm_jax import text
+from lcsm_jax.io import pretrained
 
 ROOT = pathlib.Path(__file__).parent.parent
 # HyenaDNA's CharacterTokenizer (hyena-dna, hg38_char_tokenizer.py): 7 special tokens, then
@@ -73,19 +73,19 @@ def test_compare_lazy_reports_identical_text_and_speedup(capsys, byte_lm):
 
 
 def test_tokenizers():
-  dna = cli.CharacterTokenizer()
+  dna = text.CharacterTokenizer()
   np.testing.assert_array_equal(dna.encode("AcGtN"), [7, 8, 9, 10, 11])
   assert dna.decoder()(np.array([7, 11, 0, 6]), True) == "AN[CLS][UNK]"
   with pytest.raises(ValueError, match="does not know: 'U'"):
     dna.encode("ACGU")
-  decode = cli.ByteTokenizer().decoder()
+  decode = text.ByteTokenizer().decoder()
   snake = "é🐍".encode("utf-8")
   # A character split between chunks comes out whole, once.
   assert decode(np.frombuffer(snake[:3], np.uint8), False) == "é"
   assert decode(np.frombuffer(snake[3:], np.uint8), True) == "🐍"
   config = lcsm_jax.HyenaConfig(vocab_size=13)
   with pytest.raises(ValueError, match="no tokenizer is known for a vocabulary of 13 ids"):
-    cli.tokenizer_for(config)
+    text.tokenizer_for(config)
 
 
 @pytest.mark.parametrize("argv, message", [

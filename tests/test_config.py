@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcsm_jax import config as config_lib
-from lcsm_jax.config import PRESETS, HyenaConfig, preset
-from lcsm_jax.model import HyenaLM, init_params
-from lcsm_jax.modules import ImplicitFilter
+from lcsm_jax.models.hyena import config as config_lib
+from lcsm_jax.models.hyena.config import PRESETS, HyenaConfig, preset
+from lcsm_jax.models.hyena.model import HyenaLM
+from lcsm_jax.models.hyena.modules import ImplicitFilter
+from lcsm_jax.models.hyena.params import init_params
 
 
 def _param_count(cfg):

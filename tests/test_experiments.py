@@ -27,7 +27,7 @@ from experiments import latency
 from experiments import long_run
 from experiments import memory
 from experiments import scaling
-from lcsm_jax import autotune
+from lcsm_jax.tuning import machine
 
 TINY = ["--layers=2", "--width=4", "--tau=2", "--repeats=1"]
 
@@ -121,7 +121,7 @@ def test_headline_table_rows(tmp_path):
   assert cells[7].startswith(headline.ratio(runs["recompute"]["total_seconds"] / flash))
   lm_cells = [c.strip() for c in lines[3].strip("|").split("|")]
   assert lm_cells[0] == "Hyena LM, d_model 4, 2 layers, d_inner 8" and lm_cells[5:] == [""] * 3
-  assert headline.machines(headline.result_files(tmp_path)) == {autotune.cpu_model()}
+  assert headline.machines(headline.result_files(tmp_path)) == {machine.cpu_model()}
   assert headline.seconds(0.15108) == "0.151 s" and headline.seconds(1557.2) == "1557 s"
   assert headline.per_token(1.4e-4) == "140 us/token" and headline.ratio(8.329) == "8.33x"
 
@@ -307,7 +307,7 @@ def test_benchmarking_helpers(tmp_path):
   # ... and so is one from another CPU model with the same architecture and core count
   benchmarking.Store(tmp_path / "s.json").run("k", lambda: {"x": 2.0})
   data = json.loads((tmp_path / "s.json").read_text())
-  assert data["machine"]["cpu_model"] == autotune.cpu_model() != ""
+  assert data["machine"]["cpu_model"] == machine.cpu_model() != ""
   data["machine"]["cpu_model"] = "another CPU"
   (tmp_path / "s.json").write_text(json.dumps(data))
   assert benchmarking.Store(tmp_path / "s.json").get("k") is None

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from lcsm_jax import generation
-from lcsm_jax.checkpoint import load_hyenadna
-from lcsm_jax.config import HyenaConfig
-from lcsm_jax.model import HyenaLM, init_params
+from lcsm_jax.io.hyenadna import load_hyenadna
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.model import HyenaLM
+from lcsm_jax.models.hyena.params import init_params
 from numpy_reference import hyenadna_logits
 from state_dict_helpers import reference_config, state_dict_from_params
 

@@ -10,8 +10,8 @@ import pytest
 from lcsm_jax import generation
 from lcsm_jax import memory
 from lcsm_jax import sampling
-from lcsm_jax.config import HyenaConfig
-from lcsm_jax.model import init_params
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.params import init_params
 
 CONFIG = HyenaConfig(vocab_size=13, d_model=8, n_layer=2, d_inner=16, l_max=40, order=2,
                      filter_order=8, emb_dim=3)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lcsm_jax.checkpoint import load_hyenadna
-from lcsm_jax.model import HyenaLM, cast_params
+from lcsm_jax.io.hyenadna import load_hyenadna
+from lcsm_jax.models.hyena.model import HyenaLM
+from lcsm_jax.models.hyena.params import cast_params
 from numpy_reference import hyenadna_logits
 
 

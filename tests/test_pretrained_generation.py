@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import lcsm_jax
-from lcsm_jax import checkpoint
-from lcsm_jax import pretrained
 from lcsm_jax import text
-from lcsm_jax.model import HyenaLM
+from lcsm_jax.io import hyenadna
+from lcsm_jax.io import native
+from lcsm_jax.io import pretrained
+from lcsm_jax.models.hyena.model import HyenaLM
 
 NOTEBOOK = pathlib.Path(__file__).parent.parent / "examples" / "generate.ipynb"
 # The notebook's generation, repeated here with the same shapes (one compilation per worker).
@@ -42,7 +43,7 @@ def test_shipped_model_matches_its_recorded_perplexity(byte_lm):
   assert windows.shape == (metrics["heldout_sample_windows"], seq_len + 1)
   assert windows.min() >= 0 and windows.max() < text.VOCAB_SIZE
   logits = jax.jit(HyenaLM(config).apply)(params, windows[:, :-1])
-  # Cross-entropy over the real vocabulary, in float64 NumPy (independent of training.py).
+  # Cross-entropy over the real vocabulary, in float64 NumPy (independent of training/trainer.py).
   real = np.asarray(logits, np.float64)[..., :config.vocab_size]
   assert real.shape == (len(windows), seq_len, text.VOCAB_SIZE)
   top = real.max(axis=-1, keepdims=True)
@@ -101,13 +102,13 @@ def test_example_notebook_executes(capsys):
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_save_params_files_follow_the_umask(tmp_path, fixture_dir, umask):
-  config, params = checkpoint.load_hyenadna(fixture_dir)
+  config, params = hyenadna.load_hyenadna(fixture_dir)
   previous = os.umask(umask)
   try:
-    checkpoint.save_params(tmp_path / "ckpt", config, params)
+    native.save_params(tmp_path / "ckpt", config, params)
   finally:
     os.umask(previous)
-  for name in (checkpoint.OWN_WEIGHTS, "config.json"):
+  for name in (native.OWN_WEIGHTS, "config.json"):
     mode = stat.S_IMODE((tmp_path / "ckpt" / name).stat().st_mode)
     assert mode == 0o666 & ~umask, f"{name}: {oct(mode)}"
-  checkpoint.load_params(tmp_path / "ckpt")
+  native.load_params(tmp_path / "ckpt")

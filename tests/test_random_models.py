@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcsm_jax import checkpoint
-from lcsm_jax.config import PRESETS, HyenaConfig
-from lcsm_jax.model import HyenaLM, init_params
+from lcsm_jax.io import hyenadna
+from lcsm_jax.models.hyena.config import PRESETS, HyenaConfig
+from lcsm_jax.models.hyena.model import HyenaLM
+from lcsm_jax.models.hyena.params import check_params, init_params
 from numpy_reference import _implicit_filter, hyenadna_logits
 from state_dict_helpers import reference_config, state_dict_from_params
 
@@ -59,7 +60,7 @@ def random_case(request):
 def test_state_dict_mappings_are_inverse(random_case):
   config, params, _, _ = random_case
   state = state_dict_from_params(config, params, dtype=np.float32)
-  back = checkpoint.params_from_state_dict(config, state)
+  back = hyenadna.params_from_state_dict(config, state)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
@@ -119,7 +120,7 @@ def test_init_params_structure_and_determinism():
   config = CASES["order3-d7"][0]
   params = init_params(config, jax.random.key(0))
   assert set(params) == {"params"}
-  checkpoint.check_params(config, params)  # raises on any path/shape mismatch
+  check_params(config, params)  # raises on any path/shape mismatch
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   again = init_params(config, jax.random.key(0))
   jax.tree.map(np.testing.assert_array_equal, params, again)

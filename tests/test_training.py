@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcsm_jax import corpus
-from lcsm_jax import pretrained
 from lcsm_jax import text
-from lcsm_jax import training
-from lcsm_jax.config import HyenaConfig
-from lcsm_jax.model import HyenaLM
+from lcsm_jax.io import pretrained
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.model import HyenaLM
+from lcsm_jax.training import corpus
+from lcsm_jax.training import trainer
 
 
 # -- Tokenizer. ----------------------------------------------------------------------------------
@@ -114,21 +114,21 @@ TINY = HyenaConfig(vocab_size=text.VOCAB_SIZE, d_model=16, n_layer=2, d_inner=32
 
 
 def test_unigram_baseline_matches_hand_computation():
-  log_probs = training.unigram_log_probs(np.array([0, 0, 1, 2], np.uint8), vocab_size=4)
+  log_probs = trainer.unigram_log_probs(np.array([0, 0, 1, 2], np.uint8), vocab_size=4)
   # Add-one counts [3, 2, 2, 1] over 4 + 4 = 8.
   np.testing.assert_allclose(np.exp(log_probs), [3 / 8, 2 / 8, 2 / 8, 1 / 8])
   windows = np.array([[0, 1, 3], [2, 0, 0]])  # targets 1, 3, 0, 0 (the first column is context)
   want = -(math.log(2 / 8) + math.log(1 / 8) + 2 * math.log(3 / 8)) / 4
-  assert training.unigram_nll(log_probs, windows) == pytest.approx(want, rel=1e-12)
-  assert training.perplexity(want) == pytest.approx(
+  assert trainer.unigram_nll(log_probs, windows) == pytest.approx(want, rel=1e-12)
+  assert trainer.perplexity(want) == pytest.approx(
       (8 / 2 * 8 / 1 * 8 / 3 * 8 / 3) ** 0.25, rel=1e-12)
 
 
 def test_eval_windows_are_deterministic_and_in_range():
   data = np.arange(1000, dtype=np.int64) % 256
-  w = training.eval_windows(data.astype(np.uint8), seq_len=31, num_windows=8)
+  w = trainer.eval_windows(data.astype(np.uint8), seq_len=31, num_windows=8)
   assert w.shape == (8, 32) and w.dtype == np.int32
-  np.testing.assert_array_equal(w, training.eval_windows(data.astype(np.uint8), 31, 8))
+  np.testing.assert_array_equal(w, trainer.eval_windows(data.astype(np.uint8), 31, 8))
   assert w[0, 0] == 0 and w[-1, -1] == data[-1]
   np.testing.assert_array_equal(np.diff(w, axis=1) % 256, 1)  # contiguous slices
 
@@ -136,18 +136,18 @@ def test_eval_windows_are_deterministic_and_in_range():
 def test_loss_uses_only_the_real_vocabulary():
   config = TINY.replace(vocab_size=250)  # padded to 256
   logits = jnp.zeros((1, 2, config.padded_vocab_size)).at[..., 250:].set(100.0)
-  nll = training.token_nll(logits, jnp.array([[0, 249]]), config.vocab_size)
+  nll = trainer.token_nll(logits, jnp.array([[0, 249]]), config.vocab_size)
   np.testing.assert_allclose(nll, math.log(250), rtol=1e-6)
 
 
 def test_train_steps_reduce_loss_and_keep_positional_tables_frozen():
-  cfg = training.TrainConfig(seq_len=24, batch_size=4, steps=20, learning_rate=1e-2,
+  cfg = trainer.TrainConfig(seq_len=24, batch_size=4, steps=20, learning_rate=1e-2,
                              warmup_steps=1, eval_interval=20)
-  model, state = training.create_train_state(TINY, cfg, jax.random.key(0))
+  model, state = trainer.create_train_state(TINY, cfg, jax.random.key(0))
   batch = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 25)), jnp.int32)
   z0 = np.asarray(state.params["stack"]["blocks"]["mixer"]["filter"]["z"])
   t0 = np.asarray(state.params["stack"]["blocks"]["mixer"]["filter"]["t"])
-  step = training.make_train_step(model)
+  step = trainer.make_train_step(model)
   losses = []
   for _ in range(6):  # each step reports the loss before its update
     state, out = step(state, batch)
@@ -163,18 +163,18 @@ def test_train_steps_reduce_loss_and_keep_positional_tables_frozen():
 def test_trainable_and_decay_masks():
   params = jax.eval_shape(
       HyenaLM(TINY).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  trainable = training.trainable_mask(params)
+  trainable = trainer.trainable_mask(params)
   assert not trainable["stack"]["blocks"]["mixer"]["filter"]["z"]
   assert not trainable["stack"]["blocks"]["mixer"]["filter"]["t"]
-  assert training.trainable_mask(params, train_pos_emb=True)["stack"]["blocks"]["mixer"][
+  assert trainer.trainable_mask(params, train_pos_emb=True)["stack"]["blocks"]["mixer"][
       "filter"]["z"]
   assert trainable["embedder"]["embedding"]
-  decay = training.decay_mask(params)
+  decay = trainer.decay_mask(params)
   assert decay["stack"]["blocks"]["mlp"]["fc1"]["kernel"]
   assert not decay["stack"]["blocks"]["mlp"]["fc1"]["bias"]
   assert not decay["stack"]["blocks"]["mixer"]["filter"]["dense_0"]["kernel"]
   assert not decay["ln_f"]["scale"]
-  groups = training.param_groups(params)
+  groups = trainer.param_groups(params)
   assert groups["stack"]["blocks"]["mixer"]["filter"]["dense_0"]["kernel"] == "filter"
   assert groups["stack"]["blocks"]["mixer"]["filter"]["freq"] == "filter"
   assert groups["stack"]["blocks"]["mixer"]["filter"]["t"] == "frozen"
@@ -192,7 +192,7 @@ def byte_lm():
 def test_shipped_model_loads_and_is_small(byte_lm):
   config, params, metrics = byte_lm
   assert config.vocab_size == text.VOCAB_SIZE
-  n = training.count_params(params["params"])
+  n = trainer.count_params(params["params"])
   assert n == metrics["num_params"]
   assert 4 * n <= 10 * 2**20
   for key in ("heldout_ppl", "unigram_ppl", "step", "wall_time_s", "python_version", "command"):
@@ -207,10 +207,10 @@ def test_shipped_model_heldout_sample_perplexity(byte_lm):
   assert sample.shape == (metrics["heldout_sample_windows"],
                           metrics["train_config"]["seq_len"] + 1)
   model = HyenaLM(config)
-  nll = training.evaluate(training.make_eval_fn(model), params["params"], sample,
+  nll = trainer.evaluate(trainer.make_eval_fn(model), params["params"], sample,
                           metrics["train_config"]["eval_batch_size"])
   assert nll == pytest.approx(metrics["heldout_sample_loss"], rel=1e-3)
-  ppl = training.perplexity(nll)
+  ppl = trainer.perplexity(nll)
   assert ppl < metrics["heldout_sample_unigram_ppl"] / 3
   assert ppl < 4.5
 
@@ -222,7 +222,7 @@ def test_shipped_heldout_sample_comes_from_this_corpus(byte_lm):
                 f"training corpus (Python {metrics['python_version']})")
   c = corpus.build_corpus()
   cfg = metrics["train_config"]
-  windows = training.eval_windows(c.validation, cfg["seq_len"], cfg["eval_windows"])
+  windows = trainer.eval_windows(c.validation, cfg["seq_len"], cfg["eval_windows"])
   np.testing.assert_array_equal(windows[:metrics["heldout_sample_windows"]],
                                 pretrained.load_byte_lm_heldout_sample())
   assert c.validation.size == metrics["heldout_tokens"]

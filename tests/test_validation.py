@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from lcsm_jax import validation
-from lcsm_jax.checkpoint import CheckpointError
-from lcsm_jax.config import HyenaConfig
-from lcsm_jax.model import init_params
-from lcsm_jax.validation import check_dtype, check_params_match, check_token_ids
+from lcsm_jax.errors import CheckpointError
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.params import check_params_match, init_params
+from lcsm_jax.validation import check_dtype, check_token_ids
 
 CONFIG = HyenaConfig(vocab_size=12, d_model=4, n_layer=1, d_inner=8, l_max=20, filter_order=4,
                      emb_dim=3)

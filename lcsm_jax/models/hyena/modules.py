@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lcsm_jax import convolution
-from lcsm_jax.config import HyenaConfig
+from lcsm_jax.models.hyena.config import HyenaConfig
 
 Array = jax.Array
 DType = Any

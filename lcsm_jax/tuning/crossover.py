@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from lcsm_jax import blocks as blocks_lib
+from lcsm_jax.tuning import machine
+from lcsm_jax.tuning import timing
 
 MAX_DIRECT_SIZE = 256  # above this the O(U^2) block never wins on any backend we know
 
@@ -34,21 +33,11 @@ def cache_path() -> pathlib.Path:
   return pathlib.Path(root) / "crossover.json"
 
 
-def cpu_model() -> str:
-  """The CPU's name ("model name" in /proc/cpuinfo), else the platform's processor: a cache
-  or a result measured on one CPU must not be read on another."""
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _cache_key(channels: int) -> str:
+def cache_key(channels: int) -> str:
+  """The cache's key for `channels`: backend, device (on CPU: CPU model), and the channels
+  rounded up to a power of two."""
   device = jax.devices()[0]
-  kind = cpu_model() if device.platform == "cpu" else device.device_kind
+  kind = machine.cpu_model() if device.platform == "cpu" else device.device_kind
   bucket = 1 << max(channels - 1, 0).bit_length()  # channels rounded up to a power of two
   return f"{jax.default_backend()}|{kind}|channels<={bucket}"
 
@@ -61,13 +50,7 @@ def time_block(method: str, size: int, channels: int, repeats: int = 5) -> float
   taps = jax.random.normal(key_t, (2 * size, 1, channels), jnp.float32)
   spectra = blocks_lib.spectra_for(taps, config)
   run = jax.jit(lambda x, t, s: blocks_lib.apply_block(config, x, t, s, size))
-  run(inputs, taps, spectra).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run(inputs, taps, spectra).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return timing.median_seconds(lambda: run(inputs, taps, spectra), repeats)[0]
 
 
 def measure_crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> dict:
@@ -89,7 +72,7 @@ def crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> int:
   forced = os.environ.get("LCSM_JAX_CROSSOVER")
   if forced is not None:
     return int(forced)
-  path, key = cache_path(), _cache_key(channels)
+  path, key = cache_path(), cache_key(channels)
   cache = {}
   if path.exists():
     try:

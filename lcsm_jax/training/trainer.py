@@ -2,7 +2,7 @@
 
 The loop is deliberately plain: sample random windows from the training bytes, take one jitted
 AdamW step, and every `eval_interval` steps measure the held-out loss on a fixed, deterministic
-set of windows, write a checkpoint (`checkpoint.save_params`) and append to a JSON-lines log.
+set of windows, write a checkpoint (`native.save_params`) and append to a JSON-lines log.
 
 Frozen parameters: the filter's time grid `t` and positional table `z` are stored parameters in
 HyenaDNA but are never trained there (`lr_pos_emb = 0`). Both are frozen here too (their
@@ -33,9 +33,9 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from lcsm_jax import checkpoint
-from lcsm_jax.config import HyenaConfig
-from lcsm_jax.model import HyenaLM
+from lcsm_jax.io import native
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.model import HyenaLM
 
 Params = Any
 
@@ -343,11 +343,11 @@ def train_and_evaluate(model_config: HyenaConfig, cfg: TrainConfig, train_tokens
     log({"kind": "eval", "step": step, "heldout_loss": heldout,
          "heldout_ppl": perplexity(heldout), "heldout_sample_loss": heldout_sample,
          "wall_time_s": wall})
-    checkpoint.save_params(ckpt_dir, model_config, {"params": state.params},
-                           metadata=_checkpoint_metadata({
-                               k: metrics[k] for k in (
-                                   "step", "heldout_loss", "heldout_ppl", "unigram_ppl",
-                                   "python_version", "model_config", "train_config")}))
+    native.save_params(ckpt_dir, model_config, {"params": state.params},
+                       metadata=_checkpoint_metadata({
+                           k: metrics[k] for k in (
+                               "step", "heldout_loss", "heldout_ppl", "unigram_ppl",
+                               "python_version", "model_config", "train_config")}))
     (ckpt_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
   rng = np.random.default_rng(cfg.seed)

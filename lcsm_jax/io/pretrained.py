@@ -1,8 +1,8 @@
 """The byte-level Hyena language model shipped with the package (`lcsm_jax/assets/byte_lm/`).
 
 Trained by `experiments/train_lm.py` (default flags) on the Python standard library's source;
-see WORKSPACE.md ("The shipped byte-level model"). The files are read through `importlib.resources`, so this works
-from a wheel or a zip as well as from a source checkout.
+see WORKSPACE.md ("The shipped byte-level model"). The files are read through
+`importlib.resources`, so this works from a wheel or a zip as well as from a source checkout.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from lcsm_jax import checkpoint
-from lcsm_jax.config import HyenaConfig
+from lcsm_jax.io import native
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.params import check_params
 
 BYTE_LM = ("assets", "byte_lm")
 
@@ -41,9 +42,9 @@ def load_byte_lm() -> tuple[HyenaConfig, dict[str, Any], dict[str, Any]]:
   """
   from safetensors.numpy import load as load_safetensors
   config = HyenaConfig.from_hyenadna_dict(json.loads(_asset("config.json").read_text("utf-8")))
-  flat = load_safetensors(_asset(checkpoint.OWN_WEIGHTS).read_bytes())
+  flat = load_safetensors(_asset(native.OWN_WEIGHTS).read_bytes())
   params = traverse_util.unflatten_dict(flat, sep="/")
-  checkpoint.check_params(config, params)
+  check_params(config, params)
   metrics = json.loads(_asset("metrics.json").read_text("utf-8"))
   return config, params, metrics
 

@@ -1,0 +1,34 @@
+"""One entry point for every checkpoint this package reads, shared by the CLI and the API."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from lcsm_jax.io import hyenadna
+from lcsm_jax.io import native
+from lcsm_jax.io import pretrained
+from lcsm_jax.models.hyena.config import HyenaConfig
+
+
+def load_checkpoint(path: str | None) -> tuple[HyenaConfig, Any, str]:
+  """(config, params, description): the shipped byte model (path None), a directory written by
+  `native.save_params` (config.json + params.safetensors), or a HyenaDNA checkpoint.
+
+  Raises:
+    FileNotFoundError: nothing at `path`.
+    CheckpointError: as `native.load_params` or `hyenadna.load_hyenadna`.
+  """
+  if path is None:
+    config, params, _ = pretrained.load_byte_lm()
+    return config, params, "the shipped byte-level LM"
+  location = pathlib.Path(path)
+  if not location.exists():
+    raise FileNotFoundError(f"no checkpoint at {path!r}.")
+  own = location.is_dir() and (location / native.OWN_WEIGHTS).is_file() and not any(
+      (location / name).exists() for name in hyenadna.WEIGHT_FILES)
+  if own:
+    config, params = native.load_params(location)
+  else:
+    config, params = hyenadna.load_hyenadna(location)
+  return config, params, str(path)

@@ -1,0 +1,225 @@
+"""The project's own checkpoint format: a directory holding `config.json` (the HyenaDNA config
+format) and `params.safetensors` (the parameters, flattened with '/'-joined keys).
+
+`save_params` checks the parameters against the config and for NaN / inf before writing
+anything, writes both files under temporary names and renames them into place, records the
+SHA-256 of the config.json bytes in the weights' metadata, and locks the directory where the
+platform allows; `load_params` checks all of that back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import stat
+import tempfile
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from lcsm_jax import validation
+from lcsm_jax.errors import CheckpointError
+from lcsm_jax.io import hyenadna
+from lcsm_jax.models.hyena import params as params_lib
+from lcsm_jax.models.hyena.config import HyenaConfig
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: saves and loads run without directory locks
+  fcntl = None
+
+PathLike = str | os.PathLike[str]
+Params = dict[str, Any]
+
+OWN_WEIGHTS = "params.safetensors"
+# Metadata key listing the arrays stored as float32 because this safetensors cannot store
+# bfloat16 from NumPy; they are cast back to bfloat16 on load.
+BFLOAT16_AS_FLOAT32 = "lcsm_jax.bfloat16_stored_as_float32"
+# Metadata key holding the SHA-256 (hex) of the exact config.json bytes saved with the weights:
+# `load_params` refuses a config.json that another save wrote. Absent from older checkpoints.
+CONFIG_SHA256 = "lcsm_jax.config_sha256"
+_INTERNAL_METADATA = (BFLOAT16_AS_FLOAT32, CONFIG_SHA256)
+# Saves and loads lock the checkpoint directory (flock: exclusive to save, shared to load)
+# where the platform allows it; the config hash catches whatever the locks cannot.
+_USE_LOCKS = True
+
+
+@contextlib.contextmanager
+def _directory_lock(path: pathlib.Path, *, exclusive: bool) -> Iterator[None]:
+  """Holds an advisory `flock` on directory `path` (exclusive or shared) while active.
+
+  Serialises `save_params` calls on one directory (so concurrent saves end in one save's
+  complete pair of files) and keeps `load_params` from reading between a save's two renames.
+  Where locks are unavailable (not POSIX, some network file systems) it does nothing.
+  """
+  fd = None
+  if _USE_LOCKS and fcntl is not None:
+    try:
+      fd = os.open(path, os.O_RDONLY)
+      fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    except OSError:
+      if fd is not None:
+        os.close(fd)
+      fd = None
+  try:
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)  # releases the lock
+
+
+@functools.cache
+def _safetensors_stores_bfloat16() -> bool:
+  from safetensors.numpy import save
+  try:
+    save({"x": np.zeros((1,), jnp.bfloat16)})
+    return True
+  except Exception:
+    return False
+
+
+def _foreign_files(path: pathlib.Path) -> list[str]:
+  """Files of a checkpoint that `save_params` did not write: HyenaDNA weights, or a
+  config.json without params.safetensors beside it (save_params renames its weights into
+  place before its config.json, so its own directories never look like that)."""
+  found = [name for name in hyenadna.WEIGHT_FILES if (path / name).exists()]
+  if (path / "config.json").exists() and not (path / OWN_WEIGHTS).exists():
+    found.append("config.json")
+  return found
+
+
+def save_params(path: PathLike, config: HyenaConfig, params: Params,
+                metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> None:
+  """Writes `config.json` and `params.safetensors` into directory `path` (created if needed).
+
+  The parameters are checked against `config` first (`check_params`) and must be finite
+  (`check_finite`): nothing is written otherwise, so a diverged training run cannot replace
+  its last good checkpoint. Both files are written to temporary names and then renamed, so an
+  interrupted save leaves no half-written file; the SHA-256 of the config.json bytes is stored
+  in the weights' metadata (`CONFIG_SHA256`), so `load_params` refuses a config.json written by
+  another save. Concurrent saves to one directory are serialised by a lock where the platform
+  has one. bfloat16 arrays are stored as bfloat16 where safetensors can, else as float32
+  listed under the metadata key `BFLOAT16_AS_FLOAT32` (and cast back by `load_params`).
+
+  Overwriting an earlier `save_params` directory is the normal use. A directory holding a
+  checkpoint this function did not write (any of `hyenadna.WEIGHT_FILES`, or a config.json
+  without params.safetensors: a HyenaDNA checkpoint) is refused unless `overwrite=True`, since
+  its config.json would be replaced (its weight files are left, and would no longer match it).
+
+  Raises:
+    CheckpointError: parameters that do not fit `config`, or hold NaN or inf.
+    TypeError: metadata that does not map str to str; a non-bool `overwrite`.
+    ValueError: a reserved metadata key.
+    FileExistsError: `path` holds a checkpoint not written by save_params (and not
+      `overwrite`), or is a file.
+  """
+  from safetensors.numpy import save_file
+  if not isinstance(overwrite, bool):
+    raise TypeError(f"overwrite must be True or False, got {overwrite!r}.")
+  params_lib.check_params(config, params)
+  validation.check_finite(params, name="the parameters to save")
+  metadata = dict(metadata or {})
+  bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+  if bad:
+    raise TypeError(f"safetensors metadata must map str to str; not so for {bad}.")
+  reserved = sorted(set(metadata) & set(_INTERNAL_METADATA))
+  if reserved:
+    raise ValueError(f"the metadata keys {reserved} are reserved for lcsm_jax.")
+  path = pathlib.Path(path)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  arrays = {k: np.ascontiguousarray(np.asarray(jax.device_get(v))) for k, v in flat.items()}
+  widened = sorted(k for k, v in arrays.items() if v.dtype == jnp.bfloat16)
+  if widened and not _safetensors_stores_bfloat16():
+    arrays.update({k: arrays[k].astype(np.float32) for k in widened})
+    metadata[BFLOAT16_AS_FLOAT32] = ",".join(widened)
+  config_bytes = (json.dumps(config.to_hyenadna_dict(), indent=2) + "\n").encode("utf-8")
+  metadata[CONFIG_SHA256] = hashlib.sha256(config_bytes).hexdigest()
+  path.mkdir(parents=True, exist_ok=True)
+  with _directory_lock(path, exclusive=True):
+    foreign = _foreign_files(path)
+    if foreign and not overwrite:
+      raise FileExistsError(
+          f"{path} holds a checkpoint not written by save_params ({', '.join(foreign)}); "
+          "saving there would replace its config.json. Save to another directory, or pass "
+          "overwrite=True to replace it.")
+    with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as tmp:
+      weights_tmp, config_tmp = os.path.join(tmp, OWN_WEIGHTS), os.path.join(tmp, "config.json")
+      save_file(arrays, weights_tmp, metadata=metadata)
+      pathlib.Path(config_tmp).write_bytes(config_bytes)
+      # safetensors creates its file with mode 0600; give it the mode an ordinary new file
+      # gets (0666 less the umask, as config.json just got), so others can read the checkpoint.
+      os.chmod(weights_tmp, stat.S_IMODE(os.stat(config_tmp).st_mode))
+      # Weights first: a directory with a config.json but no params.safetensors is never one
+      # of ours (see _foreign_files).
+      os.replace(weights_tmp, path / OWN_WEIGHTS)
+      os.replace(config_tmp, path / "config.json")
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+  """The metadata `save_params` stored in `path/params.safetensors` (without internal keys)."""
+  from safetensors import safe_open
+  weights = pathlib.Path(path) / OWN_WEIGHTS
+  if not weights.is_file():
+    raise CheckpointError(f"{path} has no {OWN_WEIGHTS}.")
+  try:
+    with safe_open(str(weights), framework="np") as f:
+      metadata = dict(f.metadata() or {})
+  except Exception as e:
+    raise CheckpointError(f"{weights}: not a readable safetensors file ({e}).") from None
+  for key in _INTERNAL_METADATA:
+    metadata.pop(key, None)
+  return metadata
+
+
+def load_params(path: PathLike) -> tuple[HyenaConfig, Params]:
+  """Reads a directory written by `save_params`, checking every array against the config.
+
+  Returns:
+    (config, params): the parameters as NumPy arrays in the dtypes they were saved with.
+
+  Raises:
+    CheckpointError: no params.safetensors or config.json, either unreadable or malformed, a
+      config.json that does not belong to the weights (its SHA-256 differs from the one the
+      save recorded: written by another save, or edited; checkpoints of lcsm_jax versions that
+      recorded none are not checked), arrays that do not fit the config, or arrays holding
+      NaN or inf (every offending parameter is named).
+  """
+  from safetensors import safe_open
+  path = pathlib.Path(path)
+  weights = path / OWN_WEIGHTS
+  if not weights.is_file():
+    raise CheckpointError(f"{path} has no {OWN_WEIGHTS}.")
+  config_path = path / "config.json"
+  with _directory_lock(path, exclusive=False):  # both files from one save, where locks work
+    config_bytes = hyenadna.read_config_bytes(config_path)
+    config = hyenadna.parse_config(config_path, config_bytes)
+    try:
+      with safe_open(str(weights), framework="np") as f:
+        metadata = dict(f.metadata() or {})
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+      raise CheckpointError(f"{weights}: not a readable safetensors file ({e}).") from None
+  recorded = metadata.get(CONFIG_SHA256)
+  if recorded is not None and hashlib.sha256(config_bytes).hexdigest() != recorded:
+    raise CheckpointError(
+        f"{config_path} does not belong to these weights: {weights} records the SHA-256 of "
+        f"the config.json saved with it ({recorded[:16]}...), and this config.json's differs "
+        f"({hashlib.sha256(config_bytes).hexdigest()[:16]}...). The two files were written "
+        "by different saves (two processes saving to this directory at once, or a config.json "
+        "copied or edited by hand); save the checkpoint again.")
+  for key in filter(None, metadata.get(BFLOAT16_AS_FLOAT32, "").split(",")):
+    if key not in flat:
+      raise CheckpointError(f"{weights}: metadata lists {key!r} as bfloat16, but there is no "
+                            "such array.")
+    flat[key] = flat[key].astype(jnp.bfloat16)
+  params = traverse_util.unflatten_dict(flat, sep="/")
+  params_lib.check_params(config, params)
+  validation.check_finite(params, name=f"the parameters in {weights}")
+  return config, params

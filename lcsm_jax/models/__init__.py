@@ -1,0 +1,1 @@
+"""Model families; each has an online adapter for the decoding engine."""
