@@ -92,6 +92,13 @@ def check_token_ids(ids: Any, config: HyenaConfig, *, name: str = "input_ids",
   return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+def check_positive_int(value: Any, name: str) -> int:
+  """`value` as an int >= 1 (bools and floats refused with a ValueError naming `name`)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+  return int(value)
+
+
 def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
   """A supported floating dtype: float32, bfloat16, or float64 when `jax_enable_x64` is on.
 

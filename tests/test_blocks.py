@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcsm_jax import blocks
+from lcsm_jax.decoding import blocks
+from lcsm_jax.decoding import options as options_lib
 
 
 def middle_product(inputs, taps, out_len):
@@ -36,7 +37,7 @@ def _random_block(size, streams, batch, width, seed):
 def test_block_matches_middle_product(method, layer_parallel, size, out_len):
   inputs, taps = _random_block(size, streams=3, batch=2, width=5, seed=size)
   config = blocks.BlockConfig(((size, method),), layer_parallel=layer_parallel)
-  spectra = blocks.spectra_for(jnp.asarray(taps), config)
+  spectra = blocks.spectra_for(jnp.asarray(taps), [size] if method == "fft" else [])
   out = jax.jit(lambda x, t, s: blocks.apply_block(config, x, t, s, out_len))(
       inputs, taps, spectra)
   chex.assert_shape(out, (out_len, 3, 2, 5))
@@ -46,8 +47,7 @@ def test_block_matches_middle_product(method, layer_parallel, size, out_len):
 
 def test_fft_block_without_precomputed_spectra():
   inputs, taps = _random_block(32, streams=2, batch=1, width=7, seed=0)
-  config = blocks.BlockConfig(((32, "fft"),), precomputed_spectra=False)
-  assert blocks.spectra_for(jnp.asarray(taps), config) == {}
+  config = blocks.BlockConfig(((32, "fft"),))
   out = blocks.apply_block(config, inputs, taps, {}, 32)
   np.testing.assert_allclose(out, middle_product(inputs, taps, 32), rtol=2e-5, atol=1e-4)
 
@@ -57,17 +57,35 @@ def test_block_config_resolves_tau():
   assert blocks.block_config(sizes, "fft").methods == tuple((s, "fft") for s in sizes)
   assert dict(blocks.block_config(sizes, 4).methods) == {
       1: "direct", 2: "direct", 4: "direct", 8: "fft", 16: "fft"}
-  assert dict(blocks.block_config(sizes, "auto", crossover=lambda: 2).methods)[4] == "fft"
   mapping = {1: "direct", 2: "fft", 4: "direct", 8: "fft", 16: "fft"}
-  assert dict(blocks.block_config(sizes, mapping).methods) == mapping
+  assert dict(blocks.block_config(sizes, options_lib.check_tau(mapping)).methods) == mapping
+  with pytest.raises(ValueError, match="must be resolved"):
+    blocks.block_config(sizes, "auto")
 
 
 @pytest.mark.parametrize("tau,match", [
-    ("fastest", "tau must be"), (-1, ">= 0"), ({1: "direct"}, "no implementation"),
+    ("fastest", "tau must be"), (-1, ">= 0"), (True, "tau must be"), ({3: "fft"}, "powers of two"),
     ({1: "magic", 2: "fft", 4: "fft", 8: "fft", 16: "fft"}, "unknown block implementation")])
-def test_block_config_rejects_bad_tau(tau, match):
+def test_bad_tau_is_refused_when_options_are_made(tau, match):
   with pytest.raises(ValueError, match=match):
-    blocks.block_config([1, 2, 4, 8, 16], tau)
+    options_lib.EngineOptions(tau=tau)
+
+
+def test_a_mapping_that_misses_a_block_size_is_refused():
+  with pytest.raises(ValueError, match="no implementation for block sizes"):
+    blocks.block_config([1, 2, 4, 8, 16], options_lib.check_tau({1: "direct"}))
+
+
+@pytest.mark.parametrize("text,want", [("auto", "auto"), ("fft", "fft"), ("32", 32), ("0", 0)])
+def test_parse_tau(text, want):
+  assert options_lib.parse_tau(text) == want
+
+
+@pytest.mark.parametrize("text", ["-1", "fast", "1.5", ""])
+def test_parse_tau_refuses_other_text(text):
+  with pytest.raises(ValueError, match="tau must be one of auto, direct, fft, pallas or an "
+                     "integer"):
+    options_lib.parse_tau(text)
 
 
 @pytest.mark.parametrize("size,out_len", [(1, 1), (4, 3), (8, 8)])
@@ -79,11 +97,13 @@ def test_pallas_block_matches_middle_product(size, out_len):
 
 
 def test_auto_uses_pallas_only_with_a_measured_table():
+  from lcsm_jax.decoding.strategies import Flash  # pylint: disable=g-import-not-at-top
   sizes = [1, 2, 4, 8, 16, 512]
-  no_table = blocks.block_config(sizes, "auto", crossover=lambda: 4, pallas_crossover=lambda: None)
-  assert "pallas" not in dict(no_table.methods).values()
-  table = dict(blocks.block_config(sizes, "auto", crossover=lambda: 4,
-                                   pallas_crossover=lambda: 8).methods)
+  auto = options_lib.EngineOptions()
+  no_table = Flash.from_options(auto, crossover=4, pallas_max=None)
+  assert "pallas" not in {blocks.method_for(s, no_table.tau, no_table.pallas_max) for s in sizes}
+  flash = Flash.from_options(auto, crossover=4, pallas_max=8)
+  table = {s: blocks.method_for(s, flash.tau, flash.pallas_max) for s in sizes}
   assert table == {1: "pallas", 2: "pallas", 4: "pallas", 8: "pallas", 16: "fft", 512: "fft"}
   pallas = dict(blocks.block_config(sizes, "pallas").methods)
   assert pallas[16] == "pallas" and pallas[512] == "fft"

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcsm_jax import blocks
-from lcsm_jax import mixing
-from lcsm_jax import synthetic
+from lcsm_jax import decoding
+from lcsm_jax.decoding.strategies import Flash
+from lcsm_jax.models.conv_stack import ConvStack
 from lcsm_jax.convolution import causal_conv_numpy
 
 STRATEGIES = ["flash", "lazy", "eager", "recompute"]
@@ -40,10 +40,10 @@ def check_rollout(stack, params, prompt, num_steps, outputs):
     (2, 4, 1, 21, 30),    # a prompt long enough for the FFT prompt contribution
 ])
 def test_rollout_matches_direct_forward(strategy, layers, width, batch, prompt_len, steps):
-  stack = synthetic.ConvStack(layers, width, prompt_len + steps)
+  stack = ConvStack(layers, width, prompt_len + steps)
   params = stack.init(jax.random.key(layers * 100 + width))
   prompt = jax.random.normal(jax.random.key(7), (batch, prompt_len, width))
-  outputs = synthetic.rollout(params, stack, prompt, steps, strategy=strategy, tau=4, chunk=16)
+  outputs = decoding.rollout(params, stack, prompt, steps, strategy=strategy, tau=4, chunk=16)
   check_rollout(stack, params, prompt, steps, outputs)
 
 
@@ -57,15 +57,15 @@ def test_rollout_matches_direct_forward(strategy, layers, width, batch, prompt_l
     dict(tau=2, group_bytes=384),  # whole blocks, one-stream groups, stream x 3-channel groups
 ])
 def test_flash_options_give_the_same_result(options):
-  stack = synthetic.ConvStack(2, 6, 100)
+  stack = ConvStack(2, 6, 100)
   params = stack.init(jax.random.key(3))
   prompt = jax.random.normal(jax.random.key(4), (2, 3, 6))
-  outputs = synthetic.rollout(params, stack, prompt, 97, strategy="flash", **options)
+  outputs = decoding.rollout(params, stack, prompt, 97, strategy="flash", **options)
   check_rollout(stack, params, prompt, 97, outputs)
 
 
 def test_flash_group_shape():
-  flash = mixing.Flash(blocks.BlockConfig(((1, "fft"),)), group_bytes=384)
+  flash = Flash(tau="fft", group_bytes=384)
   # (size, streams, batch, width) -> (streams, channels) per group: 2 x 2 x 6 float32 per row
   assert flash.group_shape(4, 2, 2, 6) == (2, 6)    # 384 bytes: the whole block at once
   assert flash.group_shape(8, 2, 2, 6) == (1, 6)    # one stream fits
@@ -74,26 +74,26 @@ def test_flash_group_shape():
 
 
 def test_rollout_rejects_bad_input():
-  stack = synthetic.ConvStack(1, 4, 10)
+  stack = ConvStack(1, 4, 10)
   params = stack.init(jax.random.key(0))
   with pytest.raises(ValueError, match="shape"):
-    synthetic.rollout(params, stack, jnp.zeros((1, 0, 4)), 3)
+    decoding.rollout(params, stack, jnp.zeros((1, 0, 4)), 3)
   with pytest.raises(ValueError, match="exceeds"):
-    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 6)
+    decoding.rollout(params, stack, jnp.zeros((1, 5, 4)), 6)
   with pytest.raises(ValueError, match="unknown strategy"):
-    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, strategy="fastest")
+    decoding.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, strategy="fastest")
   with pytest.raises(TypeError, match="unknown engine option"):
-    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, tua=3)
+    decoding.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, tua=3)
   with pytest.raises(ValueError, match="spectra_max_size"):
-    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, spectra_max_size=0)
+    decoding.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, spectra_max_size=0)
   with pytest.raises(ValueError, match="group_bytes"):
-    synthetic.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, group_bytes=-1)
+    decoding.rollout(params, stack, jnp.zeros((1, 5, 4)), 2, group_bytes=-1)
 
 
 def test_flash_with_pallas_blocks_is_exact():
   """tau='pallas' runs the Pallas kernel (interpreted on CPU) inside the token loop."""
-  stack = synthetic.ConvStack(2, 4, 24)
+  stack = ConvStack(2, 4, 24)
   params = stack.init(jax.random.key(9))
   prompt = jax.random.normal(jax.random.key(10), (1, 3, 4))
-  outputs = synthetic.rollout(params, stack, prompt, 21, strategy="flash", tau="pallas")
+  outputs = decoding.rollout(params, stack, prompt, 21, strategy="flash", tau="pallas")
   check_rollout(stack, params, prompt, 21, outputs)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcsm_jax import generation
+from lcsm_jax import decoding
 from lcsm_jax.io.hyenadna import load_hyenadna
 from lcsm_jax.models.hyena.config import HyenaConfig
 from lcsm_jax.models.hyena.model import HyenaLM
@@ -38,7 +38,7 @@ def test_fixture_teacher_forced_logits(fixture_model, fixture_reference, strateg
   prompt = fixture_reference["prompt_ids"]
   generated = fixture_reference["generated_ids"]
   tokens = np.concatenate([prompt, generated[:, :-1]], axis=1)
-  logits = generation.teacher_forced_logits(params, config, tokens,
+  logits = decoding.teacher_forced_logits(params, config, tokens,
                                             prompt_length=prompt.shape[1], strategy=strategy,
                                             **SMALL_ENGINE)
   chex.assert_shape(logits, tokens.shape + (config.padded_vocab_size,))
@@ -49,7 +49,7 @@ def test_fixture_teacher_forced_logits(fixture_model, fixture_reference, strateg
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_fixture_sampling_reproduces_generated_ids(fixture_model, fixture_reference, strategy):
   config, params = fixture_model
-  out = generation.generate(params, config, fixture_reference["prompt_ids"], 219,
+  out = decoding.generate(params, config, fixture_reference["prompt_ids"], 219,
                             gumbel_noise=fixture_reference["gumbel_noise"], strategy=strategy,
                             return_logits=True, **SMALL_ENGINE)
   np.testing.assert_array_equal(out.tokens, fixture_reference["generated_ids"])
@@ -82,7 +82,7 @@ def random_case(request):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_random_models_teacher_forced_match_direct_reference(random_case, strategy):
   config, params, tokens, prompt_len, reference = random_case
-  logits = generation.teacher_forced_logits(params, config, tokens, prompt_length=prompt_len,
+  logits = decoding.teacher_forced_logits(params, config, tokens, prompt_length=prompt_len,
                                             strategy=strategy, **SMALL_ENGINE)
   assert relative_error(logits, reference) <= 1e-4
 
@@ -94,7 +94,7 @@ def test_strategies_sample_identical_tokens(num_tokens):
   params = init_params(config, jax.random.key(5))
   prompt = np.random.default_rng(0).integers(0, 13, (2, 5))
   key = jax.random.key(42)
-  results = {s: generation.generate(params, config, prompt, num_tokens, key, strategy=s,
+  results = {s: decoding.generate(params, config, prompt, num_tokens, key, strategy=s,
                                     return_logits=True, **SMALL_ENGINE) for s in STRATEGIES}
   for strategy in STRATEGIES[1:]:
     np.testing.assert_array_equal(results[strategy].tokens, results["flash"].tokens)
@@ -113,6 +113,6 @@ def test_pallas_blocks_generate_exactly():
   tokens = np.random.default_rng(3).integers(0, 7, (1, 37))
   reference = hyenadna_logits(state_dict_from_params(config, params), reference_config(config),
                               tokens)
-  logits = generation.teacher_forced_logits(params, config, tokens, prompt_length=5,
+  logits = decoding.teacher_forced_logits(params, config, tokens, prompt_length=5,
                                             strategy="flash", tau="pallas")
   assert relative_error(logits, reference) <= 1e-4

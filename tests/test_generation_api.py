@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcsm_jax import generation
-from lcsm_jax import memory
-from lcsm_jax import sampling
+from lcsm_jax import decoding
+from lcsm_jax.decoding import memory
+from lcsm_jax.decoding import sampling
 from lcsm_jax.models.hyena.config import HyenaConfig
 from lcsm_jax.models.hyena.params import init_params
 
@@ -45,44 +45,44 @@ PROMPT = np.array([[1, 2, 3], [4, 5, 6]])
 ])
 def test_bad_input_gets_a_clear_error(params, prompt, num_tokens, kwargs, error, match):
   with pytest.raises(error, match=match):
-    generation.generate(params, CONFIG, prompt, num_tokens, jax.random.key(1), **kwargs)
+    decoding.generate(params, CONFIG, prompt, num_tokens, jax.random.key(1), **kwargs)
 
 
 def test_sampling_without_key_is_refused(params):
   with pytest.raises(ValueError, match="PRNG key"):
-    generation.generate(params, CONFIG, PROMPT, 3, None)
+    decoding.generate(params, CONFIG, PROMPT, 3, None)
 
 
 def test_parameters_of_another_config_are_refused(params):
   other = CONFIG.replace(d_model=16, d_inner=32)
   with pytest.raises(ValueError, match="d_model|shape|match"):
-    generation.generate(init_params(other, jax.random.key(0)), CONFIG, PROMPT, 3,
+    decoding.generate(init_params(other, jax.random.key(0)), CONFIG, PROMPT, 3,
                         jax.random.key(1))
   with pytest.raises(ValueError, match="d_model|shape|match"):
-    generation.teacher_forced_logits(params, other, PROMPT)
+    decoding.teacher_forced_logits(params, other, PROMPT)
 
 
 def test_same_key_same_tokens_other_key_other_tokens(params):
-  run = lambda seed: np.asarray(generation.generate(
+  run = lambda seed: np.asarray(decoding.generate(
       params, CONFIG, PROMPT, 20, jax.random.key(seed), temperature=2.0, **ENGINE).tokens)
   np.testing.assert_array_equal(run(7), run(7))
   assert (run(7) != run(8)).any()
 
 
 def test_greedy_top_k_1_and_tiny_top_p_agree(params):
-  greedy = generation.generate(params, CONFIG, PROMPT, 12, temperature=0.0, **ENGINE)
-  top_k = generation.generate(params, CONFIG, PROMPT, 12, jax.random.key(3), top_k=1, **ENGINE)
-  top_p = generation.generate(params, CONFIG, PROMPT, 12, jax.random.key(4), top_p=1e-6,
+  greedy = decoding.generate(params, CONFIG, PROMPT, 12, temperature=0.0, **ENGINE)
+  top_k = decoding.generate(params, CONFIG, PROMPT, 12, jax.random.key(3), top_k=1, **ENGINE)
+  top_p = decoding.generate(params, CONFIG, PROMPT, 12, jax.random.key(4), top_p=1e-6,
                               **ENGINE)
   np.testing.assert_array_equal(top_k.tokens, greedy.tokens)
   np.testing.assert_array_equal(top_p.tokens, greedy.tokens)
 
 
 def test_rows_stop_at_the_end_token(params):
-  free = np.asarray(generation.generate(params, CONFIG, PROMPT, 15, temperature=0.0,
+  free = np.asarray(decoding.generate(params, CONFIG, PROMPT, 15, temperature=0.0,
                                         **ENGINE).tokens)
   eos = int(free[0, 4])
-  out = generation.generate(params, CONFIG, PROMPT, 15, temperature=0.0, eos_id=eos, **ENGINE)
+  out = decoding.generate(params, CONFIG, PROMPT, 15, temperature=0.0, eos_id=eos, **ENGINE)
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   for row in range(2):
     hits = np.flatnonzero(free[row] == eos)
@@ -136,7 +136,7 @@ def test_sampling_frequencies_follow_the_tempered_softmax():
 
 def test_on_token_streams_every_token_in_order(params):
   seen = []
-  out = generation.generate(params, CONFIG, PROMPT, 9, jax.random.key(2),
+  out = decoding.generate(params, CONFIG, PROMPT, 9, jax.random.key(2),
                             on_token=lambda j, tokens: seen.append((int(j), np.asarray(tokens))),
                             **ENGINE)
   assert [j for j, _ in seen] == list(range(9))
@@ -144,14 +144,14 @@ def test_on_token_streams_every_token_in_order(params):
 
 
 def test_tiny_temperatures_are_greedy_and_huge_ones_warn_nothing(params):
-  greedy = generation.generate(params, CONFIG, PROMPT, 10, temperature=0.0, **ENGINE).tokens
+  greedy = decoding.generate(params, CONFIG, PROMPT, 10, temperature=0.0, **ENGINE).tokens
   for temperature in (1e-40, 1e-30, 1e-12, np.float32(1e-40)):
-    tiny = generation.generate(params, CONFIG, PROMPT, 10, jax.random.key(5),
+    tiny = decoding.generate(params, CONFIG, PROMPT, 10, jax.random.key(5),
                                temperature=temperature, **ENGINE).tokens
     np.testing.assert_array_equal(tiny, greedy, err_msg=f"temperature {temperature}")
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    hot = generation.generate(params, CONFIG, PROMPT, 10, jax.random.key(5), temperature=1e300,
+    hot = decoding.generate(params, CONFIG, PROMPT, 10, jax.random.key(5), temperature=1e300,
                               **ENGINE).tokens
   assert ((0 <= np.asarray(hot)) & (np.asarray(hot) < CONFIG.vocab_size)).all()
 
@@ -186,13 +186,13 @@ def test_top_p_at_tiny_temperature_keeps_only_the_best_token():
 ])
 def test_bad_temperatures_are_refused(params, temperature, error, match):
   with pytest.raises(error, match=match):
-    generation.generate(params, CONFIG, PROMPT, 3, jax.random.key(1), temperature=temperature)
+    decoding.generate(params, CONFIG, PROMPT, 3, jax.random.key(1), temperature=temperature)
 
 
 def test_jax_scalar_options_are_accepted(params):
-  plain = generation.generate(params, CONFIG, PROMPT, 8, jax.random.key(2), temperature=0.5,
+  plain = decoding.generate(params, CONFIG, PROMPT, 8, jax.random.key(2), temperature=0.5,
                               **ENGINE).tokens
-  scalar = generation.generate(params, CONFIG, PROMPT, 8, jax.random.key(2),
+  scalar = decoding.generate(params, CONFIG, PROMPT, 8, jax.random.key(2),
                                temperature=jnp.float32(0.5), **ENGINE).tokens
   np.testing.assert_array_equal(scalar, plain)
 
@@ -208,7 +208,7 @@ def test_jax_scalar_options_are_accepted(params):
 ])
 def test_bad_sampling_and_engine_options_are_refused(params, kwargs, error, match):
   with pytest.raises(error, match=match):
-    generation.generate(params, CONFIG, PROMPT, 3, **({"key": None} if "row_keys" in kwargs
+    decoding.generate(params, CONFIG, PROMPT, 3, **({"key": None} if "row_keys" in kwargs
                                                       else {"key": jax.random.key(1)}), **kwargs)
 
 
@@ -216,8 +216,8 @@ def test_non_finite_parameters_are_refused_unless_allowed(params):
   broken = jax.tree.map(np.array, params)
   broken["params"]["ln_f"]["scale"][3] = np.nan
   broken["params"]["stack"]["blocks"]["mixer"]["filter"]["bias"][0, 1] = np.inf
-  for run in (lambda **kw: generation.generate(broken, CONFIG, PROMPT, 3, jax.random.key(1), **kw),
-              lambda **kw: generation.teacher_forced_logits(broken, CONFIG, PROMPT, **kw)):
+  for run in (lambda **kw: decoding.generate(broken, CONFIG, PROMPT, 3, jax.random.key(1), **kw),
+              lambda **kw: decoding.teacher_forced_logits(broken, CONFIG, PROMPT, **kw)):
     with pytest.raises(ValueError, match=r"(?s)non-finite.*(filter/bias.*params/ln_f/scale|"
                        r"params/ln_f/scale.*filter/bias)"):
       run()
@@ -229,7 +229,7 @@ def test_a_row_samples_the_same_tokens_whatever_its_batch():
   row_keys, wherever the row sits."""
   params = init_params(CONFIG, jax.random.key(0))
   prompts = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
-  run = lambda prompt, **kw: np.asarray(generation.generate(
+  run = lambda prompt, **kw: np.asarray(decoding.generate(
       params, CONFIG, prompt, 12, temperature=1.5, **ENGINE, **kw).tokens)
   key = jax.random.key(11)
   batch = run(prompts, key=key)
@@ -244,13 +244,15 @@ def test_a_row_samples_the_same_tokens_whatever_its_batch():
 def test_a_run_that_cannot_fit_is_refused_before_it_starts(params, monkeypatch):
   monkeypatch.setattr(memory, "available_bytes", lambda device=None: (10_000, "a test limit"))
   with pytest.raises(memory.InsufficientMemoryError,
-                     match=r"needs an estimated .*parameters .*filter tables .*working memory .*"
+                     match=r"needs an estimated .*filter tables and their computation .*prefill "
+                     r"\(state included\) .*generation .*"
                      r"more than the 9.8 KiB of a test limit; reduce the batch size.*"
                      r"check_memory=False"):
-    generation.generate(params, CONFIG, PROMPT, 5, jax.random.key(1), **ENGINE)
+    decoding.generate(params, CONFIG, PROMPT, 5, jax.random.key(1), **ENGINE)
+  monkeypatch.setattr(memory, "available_bytes", lambda device=None: (1_000, "a test limit"))
   with pytest.raises(memory.InsufficientMemoryError, match="score fewer"):
-    generation.teacher_forced_logits(params, CONFIG, PROMPT)
-  out = generation.generate(params, CONFIG, PROMPT, 5, jax.random.key(1), check_memory=False,
+    decoding.teacher_forced_logits(params, CONFIG, PROMPT)
+  out = decoding.generate(params, CONFIG, PROMPT, 5, jax.random.key(1), check_memory=False,
                             **ENGINE)
   assert out.tokens.shape == (2, 5)
 
@@ -262,4 +264,4 @@ def test_a_state_larger_than_the_host_is_refused_without_running():
   params = init_params(config, jax.random.key(0))
   prompt = np.ones((40_000, 1), np.int32)
   with pytest.raises(memory.InsufficientMemoryError, match=r"needs an estimated [0-9.]+ TiB"):
-    generation.generate(params, config, prompt, (1 << 20) - 1, temperature=0.0)
+    decoding.generate(params, config, prompt, (1 << 20) - 1, temperature=0.0)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from lcsm_jax import schedule
+from lcsm_jax.decoding import schedule
 
 
 def _check_plan(plan):

@@ -15,15 +15,19 @@ kernel. Tables measured in interpret mode, or on another backend, are ignored.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
+import tempfile
 
 import jax
 import jax.numpy as jnp
 
-from lcsm_jax import blocks as blocks_lib
+from lcsm_jax.decoding import blocks as blocks_lib
 from lcsm_jax.tuning import machine
 from lcsm_jax.tuning import timing
+
+log = logging.getLogger("lcsm_jax")
 
 MAX_DIRECT_SIZE = 256  # above this the O(U^2) block never wins on any backend we know
 
@@ -48,7 +52,7 @@ def time_block(method: str, size: int, channels: int, repeats: int = 5) -> float
   key_a, key_t = jax.random.split(jax.random.key(size))
   inputs = jax.random.normal(key_a, (size, 1, 1, channels), jnp.float32)
   taps = jax.random.normal(key_t, (2 * size, 1, channels), jnp.float32)
-  spectra = blocks_lib.spectra_for(taps, config)
+  spectra = blocks_lib.spectra_for(taps, [size] if method == "fft" else [])
   run = jax.jit(lambda x, t, s: blocks_lib.apply_block(config, x, t, s, size))
   return timing.median_seconds(lambda: run(inputs, taps, spectra), repeats)[0]
 
@@ -67,23 +71,47 @@ def measure_crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> dict:
   return {"crossover": crossover, "per_block_size": table, "channels": channels}
 
 
-def crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> int:
-  """The direct/FFT crossover for blocks over `channels` channels on this machine (cached)."""
+def _forced() -> int | None:
   forced = os.environ.get("LCSM_JAX_CROSSOVER")
+  if forced is None:
+    return None
+  try:
+    value = int(forced)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise ValueError(f"LCSM_JAX_CROSSOVER must be an integer block size >= 0, got {forced!r}.")
+  return value
+
+
+def _read_cache() -> dict:
+  try:
+    cache = json.loads(cache_path().read_text())
+  except (OSError, json.JSONDecodeError):
+    return {}
+  return cache if isinstance(cache, dict) else {}
+
+
+def crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> int:
+  """The direct/FFT crossover for blocks over `channels` channels on this machine: from
+  LCSM_JAX_CROSSOVER, else from the cache, else measured now (a few seconds, logged) and
+  cached (written atomically: a temporary file renamed into place)."""
+  forced = _forced()
   if forced is not None:
-    return int(forced)
-  path, key = cache_path(), cache_key(channels)
-  cache = {}
-  if path.exists():
-    try:
-      cache = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-      cache = {}
+    return forced
+  key = cache_key(channels)
+  cache = _read_cache()
   if key not in cache:
+    log.warning("measuring the direct/FFT block crossover for %d channels on this machine "
+                "(once, a few seconds; cached in %s)", channels, cache_path())
     cache[key] = measure_crossover(channels)
+    path = cache_path()
     try:
       path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(json.dumps(cache, indent=2, sort_keys=True))
+      with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
+                                       suffix=".tmp") as f:
+        json.dump(cache, f, indent=2, sort_keys=True)
+      os.replace(f.name, path)
     except OSError:
       pass  # a read-only home still gets a measured (uncached) crossover
   return int(cache[key]["crossover"])

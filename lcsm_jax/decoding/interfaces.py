@@ -1,0 +1,60 @@
+"""The decoding strategy interface, and what the engine hands a strategy for one run.
+
+A strategy decides how the long convolutions' pending outputs are computed during generation:
+
+  prepare(taps (T, S, D), aux)                      -> tables, once per model (outside the loop)
+  init(tables, prompt (B, P, ...), prefill, M)      -> state after the prompt
+  run(tables, state, steps, carry, io, start, count, M) -> (state, carry, io)
+
+`run` drives online positions r = start .. start + count - 1 (absolute position P + r; M online
+positions in all, the engine's max_length minus P) through `steps`: the model's one-position
+step, its parallel forward, and the caller's `feed` (the input at r) and `emit` (what to keep
+from the output at r). `start` and `count` may be traced; M is static. Strategies that keep
+the convolutions' state and call the model's step derive from `strategies.base.MixingStrategy`,
+which supplies `run`; others (recompute) drive the model themselves.
+
+S streams, B batch rows, D channels, P prompt positions, T = P + M.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+import jax
+
+from lcsm_jax.models.interface import Carry, Prefill
+
+Array = jax.Array
+Tables = Any  # a strategy's per-model tables (filter taps, spectra, ...)
+State = Any   # a strategy's per-sequence state
+IO = Any      # what the caller threads through the loop (tokens, logits, outputs ...)
+Feed = Callable[[IO, Array], Array]        # (io, r) -> the model's input at online position r
+Emit = Callable[[IO, Array, Array], IO]    # (io, r, output at r) -> io
+
+
+class Steps(NamedTuple):
+  """The model and the caller, as a strategy's `run` sees them (built by the engine)."""
+  step: Callable[[Carry, Array, Array], tuple[Carry, Array, Array]]
+  # (carry, x (B, ...), pending (S, B, D)) -> (carry, conv inputs (S, B, D), output (B, ...))
+  forward: Callable[[Array], Array]  # inputs (B, L, ...) -> outputs (B, L, ...), in parallel
+  feed: Feed
+  emit: Emit
+
+
+@runtime_checkable
+class Strategy(Protocol):
+  """A decoding strategy (see the module docstring). Implementations are frozen dataclasses:
+  hashable, so that they are static arguments of the compiled programs."""
+
+  name: ClassVar[str]    # the registry name
+  exact: ClassVar[bool]  # reproduces the parallel forward to float32 accuracy
+
+  def prepare(self, taps: Array, aux: Any = None) -> Tables:
+    """Tables from the filter taps (T, S, D) (and `aux`, strategy-specific inputs)."""
+
+  def init(self, tables: Tables, prompt: Array, prefill: Prefill, num_steps: int) -> State:
+    """The state after the prompt (B, P, ...) and its `prefill`, for M = num_steps positions."""
+
+  def run(self, tables: Tables, state: State, steps: Steps, carry: Carry, io: IO, start,
+          count, num_steps: int) -> tuple[State, Carry, IO]:
+    """Online positions start .. start + count - 1."""

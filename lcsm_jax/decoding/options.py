@@ -1,0 +1,110 @@
+"""Options of the decoding engine that do not change its results, and the one parser of `tau`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from lcsm_jax.decoding import blocks
+
+TAU_NAMES = ("auto",) + blocks.IMPLEMENTATIONS
+GROUP_BYTES = 1 << 27  # flash blocks whose input window is larger run in groups
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+  """Choices of the engine that do not change its results.
+
+  Attributes:
+    tau: flash block implementation: 'auto' (direct up to the crossover measured on this
+      machine, FFT above; resolved by the `Decoder` when it first sees a batch size), 'direct',
+      'fft', 'pallas', an int crossover (direct for block sizes <= tau) or a mapping
+      {block size: method}.
+    layer_parallel: flash runs the blocks of all layers as one batched call (False: one call
+      per stream, for ablation).
+    precomputed_spectra: flash FFT blocks use filter spectra computed once per model (False:
+      transform the filter slice in every block, for ablation).
+    spectra_max_size: spectra are precomputed up to this block size (None: all). The few
+      larger blocks of a long generation transform their filter slice themselves, which keeps
+      the tables near the size of the filters (all sizes would cost twice the filters' bytes).
+    group_bytes: flash blocks whose input window exceeds this many bytes run in groups of one
+      stream and part of the channels, bounding their FFT temporaries.
+    chunk: positions per inner iteration of the lazy and eager strategies (a power of two).
+    check_memory: estimate a run's memory (XLA's analysis of the compiled programs, plus
+      parameters, tables and state) before it starts and refuse it with a ValueError naming
+      the estimate when it exceeds the device's (on CPU, the host's) available memory.
+  """
+
+  tau: str | int | Mapping[int, str] = "auto"
+  layer_parallel: bool = True
+  precomputed_spectra: bool = True
+  spectra_max_size: int | None = 1 << 15
+  group_bytes: int = GROUP_BYTES
+  chunk: int = 256
+  check_memory: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "tau", check_tau(self.tau))
+    for name in ("chunk", "group_bytes"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if self.chunk < 1 or self.chunk & (self.chunk - 1):
+      raise ValueError(f"chunk must be a power of two >= 1, got {self.chunk}.")
+    if self.spectra_max_size is not None and (
+        isinstance(self.spectra_max_size, bool) or not isinstance(self.spectra_max_size, int)
+        or self.spectra_max_size < 1):
+      raise ValueError(f"spectra_max_size must be an integer >= 1 or None, got "
+                       f"{self.spectra_max_size!r}.")
+    if self.group_bytes < 0:
+      raise ValueError(f"group_bytes must be >= 0, got {self.group_bytes}.")
+    for name in ("layer_parallel", "precomputed_spectra", "check_memory"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
+  @classmethod
+  def create(cls, options: "EngineOptions | None" = None, **overrides) -> "EngineOptions":
+    """`options` with keyword overrides; unknown names raise a TypeError listing valid ones."""
+    if options is not None and not isinstance(options, cls):
+      raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}.")
+    options = options or cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+      raise TypeError(f"unknown engine option(s) {unknown}; EngineOptions has {names}.")
+    return dataclasses.replace(options, **overrides) if overrides else options
+
+
+def check_tau(tau) -> str | int | tuple[tuple[int, str], ...]:
+  """A valid `tau`, with a mapping normalised to sorted (size, method) pairs (hashable)."""
+  if isinstance(tau, str) and tau in TAU_NAMES:
+    return tau
+  if isinstance(tau, int) and not isinstance(tau, bool):
+    if tau < 0:
+      raise ValueError(f"an integer tau is the largest direct block size, >= 0; got {tau}.")
+    return tau
+  if isinstance(tau, (Mapping, tuple)):
+    try:
+      pairs = tuple(sorted(dict(tau).items()))
+    except (TypeError, ValueError):
+      raise ValueError(f"a tau mapping must map block sizes to methods, got {tau!r}.") from None
+    for size, method in pairs:
+      if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size & (size - 1):
+        raise ValueError(f"tau mapping keys are block sizes (powers of two), got {size!r}.")
+      if method not in blocks.IMPLEMENTATIONS:
+        raise ValueError(f"unknown block implementation {method!r} for size {size}; choose one "
+                         f"of {blocks.IMPLEMENTATIONS}.")
+    return pairs
+  raise ValueError(f"tau must be 'auto', 'direct', 'fft', 'pallas', an integer crossover or a "
+                   f"mapping {{block size: method}}; got {tau!r}.")
+
+
+def parse_tau(text: str) -> str | int:
+  """A tau given as text (command lines, flags): a name of `TAU_NAMES` or an integer >= 0."""
+  if text in TAU_NAMES:
+    return text
+  try:
+    return check_tau(int(text))
+  except ValueError:
+    raise ValueError(f"tau must be one of {', '.join(TAU_NAMES)} or an integer block size "
+                     f">= 0, got {text!r}.") from None

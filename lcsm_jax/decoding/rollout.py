@@ -1,0 +1,134 @@
+"""`Rollout`: generation for models whose output at a position is the next position's input
+(vectors, not tokens), such as the mixing-only `models.conv_stack.ConvStack`.
+
+  rollout = Rollout(params, ConvStack(8, 256, 4096), strategy="flash")
+  outputs, state = rollout.prefill(prompt)        # prompt (B, P, D)
+  outputs, state = rollout.run(state, 100)        # the next 100 outputs (B, 100, D)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from flax import struct
+import jax
+import jax.numpy as jnp
+
+from lcsm_jax.decoding import memory
+from lcsm_jax.decoding.engine import Engine, EngineState
+from lcsm_jax.decoding.options import EngineOptions
+from lcsm_jax.decoding.session import Session
+from lcsm_jax.models.interface import OnlineModel
+
+Array = jax.Array
+
+
+@struct.dataclass
+class RolloutState:
+  engine: EngineState
+  last: Array  # (B, D) the latest output: the next input
+
+
+def _prefill(params, tables, prompt, *, engine: Engine):
+  outputs, state = engine.prefill(params, tables, prompt)
+  return outputs, RolloutState(state, outputs[:, -1].astype(jnp.float32))
+
+
+def _run(params, tables, state: RolloutState, *, engine: Engine, num_steps: int):
+  batch, width = state.last.shape
+  first = state.engine.position - state.engine.prompt_length
+  outputs = jnp.zeros((batch, num_steps, width), jnp.float32)
+
+  def feed(io, r):
+    return io[1]
+
+  def emit(io, r, out):
+    out = out.astype(jnp.float32)
+    return jax.lax.dynamic_update_index_in_dim(io[0], out, r - first, axis=1), out
+
+  engine_state, (outputs, last) = engine.run(params, tables, state.engine, num_steps,
+                                             (outputs, state.last), feed, emit)
+  return outputs, RolloutState(engine_state, last)
+
+
+_PREFILL = jax.jit(_prefill, static_argnames=("engine",))
+_RUN = jax.jit(_run, static_argnames=("engine", "num_steps"))
+
+
+class Rollout(Session):
+  """A vector model (`models.interface.OnlineModel`) rolled out with any strategy; the
+  arguments are those of `Session`."""
+
+  def __init__(self, params: Any, model: OnlineModel, strategy: str = "flash",
+               max_length: int | None = None, options: EngineOptions | None = None,
+               **engine_options):
+    super().__init__(params, model, strategy, max_length,
+                     EngineOptions.create(options, **engine_options))
+
+  def prefill(self, prompt) -> tuple[Array, RolloutState]:
+    """prompt (B, P, D) float, 1 <= P <= max_length -> (outputs (B, P, D), state)."""
+    prompt = jnp.asarray(prompt, jnp.float32)
+    if prompt.ndim != 3 or not 1 <= prompt.shape[1] <= self.max_length or \
+        prompt.shape[2] != self.model.width:
+      raise ValueError(f"prompt must have shape (batch, 1..{self.max_length}, "
+                       f"{self.model.width}), got {prompt.shape}.")
+    static = dict(engine=self.engine(prompt.shape[0]))
+    tables = self.tables
+    compiled = self.compiled(_PREFILL, static, self.params, tables, prompt)
+    self.check_memory({"prefill (state included)": memory.program_bytes(compiled)},
+                      "use a smaller batch or max_length")
+    return compiled(self.params, tables, prompt)
+
+  def state_shape(self, batch: int, prompt_length: int) -> RolloutState:
+    """The state after a prompt, as `jax.ShapeDtypeStruct`s (nothing runs)."""
+    prompt = jax.ShapeDtypeStruct((batch, prompt_length, self.model.width), jnp.float32)
+    return jax.eval_shape(functools.partial(_prefill, engine=self.engine(batch)), self.params,
+                          self.abstract_tables(), prompt)[1]
+
+  def estimate_memory(self, batch: int, prompt_length: int,
+                      num_steps: int | None = None) -> dict[str, int]:
+    """Bytes by XLA's analysis of the compiled programs (nothing runs): parameters, tables
+    (unless built) with their computation, the prefill (state included) and `num_steps`."""
+    prompt = jax.ShapeDtypeStruct((batch, prompt_length, self.model.width), jnp.float32)
+    engine = self.engine(batch)
+    tables = self.abstract_tables()
+    parts = {"parameters": memory.tree_bytes(self.params), **self.table_parts(),
+             "prefill (state included)": memory.program_bytes(
+                 self.compiled(_PREFILL, dict(engine=engine), self.params, tables, prompt))}
+    if num_steps is not None:
+      parts["rollout"] = memory.program_bytes(self.compiled(
+          _RUN, dict(engine=engine, num_steps=num_steps), self.params, tables,
+          self.state_shape(batch, prompt_length)))
+    return parts
+
+  def run(self, state: RolloutState, num_steps: int) -> tuple[Array, RolloutState]:
+    """The next `num_steps` outputs (B, num_steps, D), each fed back as the next input."""
+    position = int(jax.device_get(state.engine.position))
+    if num_steps < 0 or position + num_steps > self.max_length:
+      raise ValueError(f"cannot run {num_steps} steps after {position} positions: max_length "
+                       f"is {self.max_length}.")
+    static = dict(engine=self.engine(state.last.shape[0]), num_steps=int(num_steps))
+    compiled = self.compiled(_RUN, static, self.params, self.tables, state)
+    self.check_memory({"rollout": memory.program_bytes(compiled)}, "run fewer steps per call")
+    return compiled(self.params, self.tables, state)
+
+
+def rollout(params: Any, model: OnlineModel, prompt, num_steps: int, *,
+            strategy: str = "flash", options: EngineOptions | None = None,
+            **engine_options) -> Array:
+  """Runs `model` over `prompt` (B, P, D), P >= 1, then `num_steps` positions feeding each
+  output back as the next input. Returns all outputs (B, P + num_steps, D)."""
+  prompt = jnp.asarray(prompt, jnp.float32)
+  if prompt.ndim != 3:
+    raise ValueError(f"prompt must have shape (batch, length, {model.width}), got "
+                     f"{prompt.shape}.")
+  total = prompt.shape[1] + num_steps
+  if total > model.max_length:
+    raise ValueError(f"length {total} exceeds the model's max_length = {model.max_length}.")
+  session = Rollout(params, model, strategy, total, options, **engine_options)
+  outputs, state = session.prefill(prompt)
+  if not num_steps:
+    return outputs
+  rest, _ = session.run(state, num_steps)
+  return jnp.concatenate([outputs, rest], axis=1)

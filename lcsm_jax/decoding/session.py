@@ -1,0 +1,137 @@
+"""What every decoding front end shares (`Decoder` for language models, `Rollout` for models
+that feed their output back): parameters on the device, filter tables computed once, one
+`Engine` per batch size (tau='auto' resolved there, explicitly), compiled programs kept by
+signature, and memory checks before anything runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from lcsm_jax.decoding import memory
+from lcsm_jax.decoding import strategies
+from lcsm_jax.decoding.engine import Engine, EngineTables
+from lcsm_jax.decoding.options import EngineOptions
+from lcsm_jax.models.interface import OnlineModel, Params
+from lcsm_jax.tuning import crossover as crossover_lib
+
+def signature(tree: Any) -> tuple:
+  """A hashable description of a pytree's structure, shapes and dtypes."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(np.shape(x)), x.dtype) for x in leaves)
+
+
+def abstract(sig: tuple) -> Any:
+  """The `jax.ShapeDtypeStruct` pytree of a `signature`."""
+  treedef, leaves = sig
+  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+
+
+@functools.lru_cache(maxsize=256)
+def compile_program(program: Callable, static: tuple, sig: tuple) -> Any:
+  """`program` (a jitted function) lowered for arguments of signature `sig` and static keyword
+  arguments `static` ((name, value) pairs), compiled once per process."""
+  return program.lower(*abstract(sig), **dict(static)).compile()
+
+
+def _prepare(params, aux, *, engine: Engine) -> EngineTables:
+  return engine.prepare(params, aux)
+
+
+prepare_program = jax.jit(_prepare, static_argnames=("engine",))
+
+
+class Session:
+  """A model, its parameters, a strategy and a maximum length, ready to decode.
+
+  Attributes:
+    model: the model's online adapter.
+    params: its parameters, on the default device.
+    strategy: the strategy's registry name.
+    max_length: positions every sequence may reach (tables and states are sized for it).
+    options: the engine's options.
+    aux: the strategy's extra inputs (e.g. distilled filters), or None.
+  """
+
+  def __init__(self, params: Params, model: OnlineModel, strategy: str = "flash",
+               max_length: int | None = None, options: EngineOptions | None = None,
+               aux: Any = None):
+    strategies.strategy_class(strategy)  # a clear error for unknown names
+    self.model = model
+    self.strategy = strategy
+    self.options = options if options is not None else EngineOptions()
+    if max_length is None:
+      max_length = model.max_length
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or \
+        not 1 <= max_length <= model.max_length:
+      raise ValueError(f"max_length must be an integer in [1, {model.max_length}] (the model's "
+                       f"maximum length), got {max_length!r}.")
+    self.max_length = int(max_length)
+    self.params = jax.device_put(params)
+    self.aux = aux
+    self._tables: EngineTables | None = None
+    self._engines: dict[int, Engine] = {}
+    self._table_engine = Engine(model, strategies.create(strategy, self.options),
+                                self.max_length)
+
+  # -- tables and engines --
+
+  @property
+  def tables(self) -> EngineTables:
+    """Filter tables for `max_length` positions, computed on first use and kept."""
+    if self._tables is None:
+      self.check_memory(self.table_parts(), "use a smaller max_length")
+      self._tables = self._run(prepare_program, dict(engine=self._table_engine), self.params,
+                               self.aux)
+    return self._tables
+
+  def abstract_tables(self) -> EngineTables:
+    """The tables if built, else their shapes (`jax.ShapeDtypeStruct`s; nothing runs)."""
+    if self._tables is not None:
+      return self._tables
+    return jax.eval_shape(functools.partial(_prepare, engine=self._table_engine), self.params,
+                          self.aux)
+
+  def engine(self, batch: int) -> Engine:
+    """The engine for batches of `batch` rows. tau='auto' is resolved here, once per batch
+    size: the direct/FFT crossover for the block width S x batch x D is read from this
+    machine's cache, or measured once (a few seconds, logged) and cached (`lcsm_jax.tuning`)."""
+    if batch not in self._engines:
+      crossover = pallas_max = None
+      if strategies.needs_crossover(self.strategy, self.options):
+        crossover = crossover_lib.crossover(self.model.num_streams * batch * self.model.width)
+        pallas_max = crossover_lib.pallas_crossover()
+      strategy = strategies.create(self.strategy, self.options, crossover=crossover,
+                                   pallas_max=pallas_max)
+      self._engines[batch] = Engine(self.model, strategy, self.max_length)
+    return self._engines[batch]
+
+  # -- compiled programs --
+
+  def compiled(self, program: Callable, static: Mapping[str, Any], *args) -> Any:
+    """The compiled `program` for `args` (kept per signature; compiled on first use)."""
+    return compile_program(program, tuple(sorted(static.items())), signature(args))
+
+  def _run(self, program: Callable, static: Mapping[str, Any], *args) -> Any:
+    return self.compiled(program, static, *args)(*args)
+
+  # -- memory --
+
+  def table_parts(self) -> dict[str, int]:
+    """Bytes the tables will take (0 once they exist), tables and their program's working
+    memory, by XLA's analysis of the compiled table program."""
+    if self._tables is not None:
+      return {}
+    compiled = self.compiled(prepare_program, dict(engine=self._table_engine), self.params,
+                             self.aux)
+    return {"filter tables and their computation": memory.program_bytes(compiled)}
+
+  def check_memory(self, parts: Mapping[str, int], advice: str) -> None:
+    """Refuses (InsufficientMemoryError) when `parts` exceed the available memory, unless the
+    options say check_memory=False."""
+    if self.options.check_memory and parts:
+      memory.check_fits(parts, advice=f"{advice} (or pass check_memory=False to run anyway).")

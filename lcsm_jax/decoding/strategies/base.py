@@ -1,0 +1,77 @@
+"""What the strategies that keep the long convolutions' state share: the token loop, and row
+access to time-major buffers (positions, streams, batch, channels).
+
+Every token loop reads the next position's pending outputs at the end of an iteration, after
+all writes to the state, and carries them as a small array: a step that read them from the
+large state buffers itself would let XLA fuse those reads into the writes of other buffers,
+and, unable to order them, copy every buffer at every step (WORKSPACE.md, performance notes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from jax import lax
+
+from lcsm_jax.decoding.interfaces import IO, State, Steps, Tables
+from lcsm_jax.models.interface import Carry
+
+Array = jax.Array
+
+
+def read_row(buffer: Array, r: Array) -> Array:
+  return lax.dynamic_index_in_dim(buffer, r, axis=0, keepdims=False)
+
+
+def write_row(buffer: Array, r: Array, row: Array) -> Array:
+  return lax.dynamic_update_index_in_dim(buffer, row.astype(buffer.dtype), r, axis=0)
+
+
+def token_loop(step: Callable[[Any, Array, Array], tuple[Any, Array]],
+               pending: Callable[[State, Array], Array],
+               update: Callable[[State, Array, Array], State], state: State, rest: Any, start,
+               count) -> tuple[State, Any]:
+  """Positions r = start .. start + count - 1 (both may be traced).
+
+  Args:
+    step: (rest, pending (S, B, D), r) -> (rest, inputs (S, B, D)): the model at position r.
+    pending: (state, r) -> the pending outputs (S, B, D) of position r.
+    update: (state, r, inputs) -> the state after position r.
+  """
+
+  def body(r, carry):
+    state, rest, pend = carry
+    rest, inputs = step(rest, pend, r)
+    state = update(state, r, inputs)
+    return state, rest, pending(state, r + 1)
+
+  state, rest, _ = lax.fori_loop(start, start + count, body, (state, rest, pending(state, start)))
+  return state, rest
+
+
+class MixingStrategy:
+  """Base of the strategies that keep the long convolutions' state and call the model's step:
+  they define `pending` and `update`, and inherit `run`."""
+
+  def pending(self, tables: Tables, state: State, r) -> Array:
+    """(S, B, D): the contributions of all positions before online position r."""
+    raise NotImplementedError
+
+  def update(self, tables: Tables, state: State, r, inputs: Array, num_steps: int) -> State:
+    """The state after online position r, whose long-convolution inputs are (S, B, D)."""
+    raise NotImplementedError
+
+  def run(self, tables: Tables, state: State, steps: Steps, carry: Carry, io: IO, start, count,
+          num_steps: int) -> tuple[State, Carry, IO]:
+    def step(rest, pending, r):
+      carry, io, x = rest  # x: the input at r, read at the end of the previous iteration
+      carry, inputs, output = steps.step(carry, x, pending)
+      io = steps.emit(io, r, output)
+      return (carry, io, steps.feed(io, r + 1)), inputs
+
+    state, (carry, io, _) = token_loop(
+        step, lambda s, r: self.pending(tables, s, r),
+        lambda s, r, a: self.update(tables, s, r, a, num_steps), state,
+        (carry, io, steps.feed(io, start)), start, count)
+    return state, carry, io

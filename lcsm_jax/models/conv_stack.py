@@ -1,0 +1,83 @@
+"""A mixing-only stack for benchmarks and tests: M layers of D channels, each a long causal
+convolution with a per-channel skip term, with `tanh` between layers:
+
+  x_0 = input;  y_l = conv(x_l, h_l) + skip_l * x_l;  x_{l+1} = tanh(y_l);  output = x_M.
+
+It implements the online-model interface (`models.interface.OnlineModel`) over vectors instead
+of tokens; `decoding.Rollout` feeds each output back as the next input, so every position
+depends on the last and the same strategies and schedule run on it as on the language model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lcsm_jax import convolution
+from lcsm_jax.models.interface import Prefill
+
+Array = jax.Array
+Params = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvStack:
+  """Attributes: num_layers M, width D, l_max (filter taps kept)."""
+
+  num_layers: int
+  width: int
+  l_max: int
+
+  @property
+  def num_streams(self) -> int:
+    return self.num_layers
+
+  @property
+  def max_length(self) -> int:
+    return self.l_max
+
+  def init(self, key: Array, decay: float = 4.0) -> Params:
+    """Random exponentially decaying filters (M, l_max, D) and skip terms (M, D), float32."""
+    k_taps, k_rate, k_skip = jax.random.split(key, 3)
+    shape = (self.num_layers, self.l_max, self.width)
+    rates = decay * jax.random.uniform(k_rate, (self.num_layers, 1, self.width), minval=0.2)
+    t = jnp.arange(self.l_max, dtype=jnp.float32)[None, :, None] / self.l_max
+    taps = jax.random.normal(k_taps, shape) * jnp.exp(-rates * t) / jnp.sqrt(self.l_max / decay)
+    skip = jax.random.normal(k_skip, (self.num_layers, self.width))
+    return {"taps": taps.astype(jnp.float32), "skip": skip.astype(jnp.float32)}
+
+  def filters(self, params: Params, length: int) -> tuple[Array, Array]:
+    taps = jnp.swapaxes(params["taps"][:, :length], 0, 1)  # (T, M, D)
+    return taps, taps[0] + params["skip"]
+
+  def _layers(self, params: Params, x: Array, conv) -> tuple[Array, list[Array]]:
+    """The parallel forward's output and every layer's convolution input (B, L, D)."""
+    inputs = []
+    for layer in range(self.num_layers):
+      inputs.append(x)
+      h = params["taps"][layer]
+      x = jnp.tanh(conv(x, h).astype(jnp.float32) + params["skip"][layer] * x)
+    return x, inputs
+
+  def forward(self, params: Params, x: Array, conv=convolution.causal_conv_fft) -> Array:
+    """The parallel forward: x (B, L, D) -> (B, L, D)."""
+    return self._layers(params, x, conv)[0]
+
+  def prefill(self, params: Params, x: Array) -> Prefill:
+    x, inputs = self._layers(params, x, convolution.causal_conv_fft)
+    return Prefill(x, jnp.moveaxis(jnp.stack(inputs), 2, 0), ())  # inputs (P, M, B, D)
+
+  def constants(self, params: Params, diagonal: Array) -> Array:
+    return diagonal
+
+  def initial_carry(self, params: Params, batch: int) -> tuple:
+    return ()
+
+  def step(self, params: Params, diagonal: Array, carry: tuple, x: Array, pending: Array):
+    inputs = []
+    for layer in range(self.num_layers):
+      inputs.append(x)
+      x = jnp.tanh(pending[layer] + x * diagonal[layer])
+    return carry, jnp.stack(inputs), x

@@ -1,0 +1,143 @@
+"""The Hyena language model as the decoding engine drives it (`models.interface.LanguageModel`):
+filters one layer at a time, a parallel prefill that keeps every long convolution's inputs, and
+a one-token step.
+
+S = n_layer x (order - 1) streams of D = d_model channels; the carry is every layer's
+short-convolution window (n_layer, B, K - 1, (order + 1) D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcsm_jax.models.hyena import params as params_lib
+from lcsm_jax.models.hyena.config import HyenaConfig
+from lcsm_jax.models.hyena.model import HyenaLM
+from lcsm_jax.models.hyena.modules import HyenaBlock
+from lcsm_jax.models.interface import Prefill
+
+Array = jax.Array
+Params = Any
+
+
+class StepConstants(NamedTuple):
+  """What the language model's step reads besides the embedding and head."""
+  diagonal: Array             # (S, D): filter tap 0 plus skip term of every stream
+  layers: tuple[Params, ...]  # per layer: the block's parameters without its filter tables
+
+
+@dataclasses.dataclass(frozen=True)
+class HyenaOnline:
+  """The Hyena language model driven one token at a time.
+
+  Attributes:
+    config: the architecture.
+  """
+
+  config: HyenaConfig
+
+  @property
+  def num_streams(self) -> int:
+    return self.config.num_streams
+
+  @property
+  def width(self) -> int:
+    return self.config.d_model
+
+  @property
+  def max_length(self) -> int:
+    return self.config.l_max
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def padded_vocab_size(self) -> int:
+    return self.config.padded_vocab_size
+
+  def check_params(self, params: Params) -> None:
+    params_lib.check_params_match(self.config, params)
+
+  def _blocks(self, params: Params) -> Params:
+    return params["params"]["stack"]["blocks"]
+
+  def filters(self, params: Params, length: int) -> tuple[Array, Array]:
+    """One layer at a time, written in place into the (T, S, D) table: the implicit filter's
+    temporaries at T = 2^20 are several times the table, so computing all layers at once would
+    need several times the memory of the filters themselves."""
+    cfg = self.config
+    block = HyenaBlock(cfg)
+    blocks = self._blocks(params)
+    per_layer = cfg.num_streams // cfg.n_layer
+
+    def one_layer(layer, carry):
+      taps, diagonal = carry
+      p = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, layer, keepdims=False), blocks)
+      h, skip = block.apply({"params": p}, length, method=HyenaBlock.filters)  # (T, N-1, D)
+      taps = lax.dynamic_update_slice(taps, h.astype(jnp.float32)[:, None], (0, layer, 0, 0))
+      diagonal = lax.dynamic_update_index_in_dim(diagonal, (h[0] + skip).astype(jnp.float32),
+                                                 layer, axis=0)
+      return taps, diagonal
+
+    taps = jnp.zeros((length, cfg.n_layer, per_layer, cfg.d_model), jnp.float32)
+    diagonal = jnp.zeros((cfg.n_layer, per_layer, cfg.d_model), jnp.float32)
+    taps, diagonal = lax.fori_loop(0, cfg.n_layer, one_layer, (taps, diagonal))
+    return (taps.reshape(length, cfg.num_streams, cfg.d_model),
+            diagonal.reshape(cfg.num_streams, cfg.d_model))
+
+  def forward(self, params: Params, tokens: Array) -> Array:
+    """tokens (B, L) -> logits (B, L, padded_vocab)."""
+    return HyenaLM(self.config).apply(params, tokens)
+
+  def prefill(self, params: Params, prompt: Array) -> Prefill:
+    """prompt (B, P) -> logits (B, P, V), prompt inputs (P, S, B, D), short-conv windows."""
+    cfg = self.config
+    logits, cache = HyenaLM(cfg).apply(params, prompt, collect_cache=True)
+    inputs = cache.conv_inputs  # (layers, N - 1, B, P, D)
+    length = prompt.shape[1]
+    inputs = jnp.moveaxis(inputs, 3, 0).reshape(length, cfg.num_streams, prompt.shape[0],
+                                                 cfg.d_model)
+    return Prefill(logits, inputs, cache.history)
+
+  def initial_carry(self, params: Params, batch: int) -> Array:
+    cfg = self.config
+    return jnp.zeros((cfg.n_layer, batch, cfg.short_filter_order - 1,
+                      (cfg.order + 1) * cfg.d_model), jnp.float32)
+
+  def constants(self, params: Params, diagonal: Array) -> StepConstants:
+    """The diagonal and every layer's step weights as separate arrays (no filter tables).
+
+    Slicing the stacked (n_layer, ...) weights inside the token loop made XLA copy every
+    layer's weights at every token (25 MB per token for d_model 256, 8 layers); slices taken
+    here, in a program of their own, are made once.
+    """
+    blocks = dict(self._blocks(params))
+    blocks["mixer"] = {k: v for k, v in blocks["mixer"].items() if k != "filter"}
+    layers = tuple(jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(self.config.n_layer))
+    return StepConstants(diagonal, layers)
+
+  def step(self, params: Params, constants: StepConstants, carry: Array, token: Array,
+           pending: Array) -> tuple[Array, Array, Array]:
+    """token (B,) -> (windows, inputs (S, B, D), logits (B, V))."""
+    cfg = self.config
+    model, block = HyenaLM(cfg), HyenaBlock(cfg)
+    x = model.apply(params, token, method=HyenaLM.embed)
+    per_layer = (cfg.n_layer, cfg.num_convolutions)
+    pending = pending.reshape(per_layer + pending.shape[1:])
+    diagonal = constants.diagonal.reshape(per_layer + constants.diagonal.shape[1:])
+    inputs, windows = [], []
+    for layer in range(cfg.n_layer):
+      x, layer_inputs, window = block.apply(
+          {"params": constants.layers[layer]}, x, pending[layer], carry[layer], diagonal[layer],
+          method=HyenaBlock.step)
+      inputs.append(layer_inputs)
+      windows.append(window)
+    logits = model.apply(params, x, method=HyenaLM.head)
+    inputs = jnp.stack(inputs)  # (n_layer, N - 1, B, D)
+    return jnp.stack(windows), inputs.reshape((cfg.num_streams,) + inputs.shape[2:]), logits
