@@ -65,7 +65,7 @@ def test_flash_options_give_the_same_result(options):
 
 
 def test_flash_group_shape():
-  flash = Flash(tau="fft", group_bytes=384)
+  flash = Flash(decoding.EngineOptions(tau="fft", group_bytes=384))
   # (size, streams, batch, width) -> (streams, channels) per group: 2 x 2 x 6 float32 per row
   assert flash.group_shape(4, 2, 2, 6) == (2, 6)    # 384 bytes: the whole block at once
   assert flash.group_shape(8, 2, 2, 6) == (1, 6)    # one stream fits

@@ -210,6 +210,8 @@ class Decoder(Session):
     max_length: positions a sequence may reach, prompt included (default: the model's l_max).
       Tables and states are sized for it: smaller is cheaper.
     options: `EngineOptions` (and **engine_options overriding its fields).
+    distilled: for strategy='modal', the distilled filters (`lcsm_jax.distill(...)`, or its
+      `.filters`); max_length may then exceed the model's l_max (prompts may not).
     check_finite: refuse parameters holding NaN or infinity (one pass, here).
     donate_state: `generate` and `score` reuse the buffers of the state they are given for the
       state they return (half the peak memory of a long generation); the given state must not
@@ -221,14 +223,15 @@ class Decoder(Session):
   """
 
   def __init__(self, params, config, strategy: str = "flash", max_length: int | None = None,
-               options: EngineOptions | None = None, *, check_finite: bool = True,
-               donate_state: bool = False, **engine_options):
+               options: EngineOptions | None = None, *, distilled: Any = None,
+               check_finite: bool = True, donate_state: bool = False, **engine_options):
     model = models.online_model(config)
     model.check_params(params)
     if check_finite:
       validation.check_finite(params)
     super().__init__(params, model, strategy, max_length,
-                     EngineOptions.create(options, **engine_options))
+                     EngineOptions.create(options, **engine_options),
+                     aux=getattr(distilled, "filters", distilled))
     self.config = config
     self.donate_state = bool(donate_state)
     self.signature = DecoderSignature(model, strategy, self.max_length)
@@ -246,7 +249,7 @@ class Decoder(Session):
       The `DecodeState` after the prompt, or `(logits (B, P, padded_vocab), state)`.
     """
     prompt = validation.check_token_ids(prompt_ids, self.config, name="prompt_ids",
-                                        allow_empty=True, max_length=self.max_length)
+                                        allow_empty=True, max_length=self.prompt_limit)
     prompt = jnp.asarray(prompt)
     static = self._prefill_static(prompt.shape[0], return_logits)
     compiled = self.compiled(_PROGRAMS["prefill"], static, self.params,
@@ -331,7 +334,8 @@ class Decoder(Session):
       gives them; the new state, whose `logits` are those of the last).
     """
     length = self._check_state(state)
-    tokens = validation.check_token_ids(token_ids, self.config, name="token_ids")
+    tokens = validation.check_token_ids(token_ids, self.config, name="token_ids",
+                                        max_length=self.max_length)
     if tokens.shape[0] != state.batch_size:
       raise ValueError(f"token_ids has {tokens.shape[0]} rows, the state {state.batch_size}.")
     if length + tokens.shape[1] > self.max_length:

@@ -58,8 +58,10 @@ class Engine:
   max_length: int
 
   def prepare(self, params: Params, aux: Any = None) -> EngineTables:
-    """Filters of `max_length` taps and the strategy's tables (`aux`: its extra inputs)."""
-    taps, diagonal = self.model.filters(params, self.max_length)
+    """Filters of `max_length` taps (one, for strategies that do not need them) and the
+    strategy's tables (`aux`: its extra inputs)."""
+    taps, diagonal = self.model.filters(params, self.max_length if self.strategy.needs_taps
+                                        else 1)
     return EngineTables(self.strategy.prepare(taps, aux), self.model.constants(params, diagonal))
 
   def prefill(self, params: Params, tables: EngineTables, prompt: Array
@@ -71,7 +73,8 @@ class Engine:
     """
     batch, length = prompt.shape[:2]
     if length:
-      prefill = self.model.prefill(params, prompt)
+      prefill = self.model.prefill(params, prompt,
+                                   self.strategy.prefill_taps(tables.strategy, length))
     else:
       conv_inputs = jnp.zeros((0, self.model.num_streams, batch, self.model.width), jnp.float32)
       prefill = Prefill(None, conv_inputs, self.model.initial_carry(params, batch))

@@ -20,8 +20,8 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
              top_p: float | None = None, eos_id: int | None = None,
              return_logits: bool = False, gumbel_noise=None, row_keys=None,
              on_token: Callable[[int, np.ndarray], None] | None = None,
-             check_finite: bool = True, options: EngineOptions | None = None,
-             **engine_options) -> GenerationOutput:
+             distilled: Any = None, check_finite: bool = True,
+             options: EngineOptions | None = None, **engine_options) -> GenerationOutput:
   """Samples `num_tokens` tokens after `prompt_ids` from a Hyena language model, exactly.
 
   A `Decoder` with max_length = P + num_tokens - 1, one prefill and one `generate` call; see
@@ -48,6 +48,8 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
       from fold_in(row_keys[b], j), so its tokens do not depend on its place in the batch.
     on_token: called on the host as on_token(j, tokens (B,)) when token j is chosen, in
       order (for streaming output; costs a host round trip per token).
+    distilled: the distilled filters strategy='modal' runs on (`lcsm_jax.distill`); the
+      sequence may then outgrow l_max.
     check_finite: refuse parameters holding NaN or infinity (one pass over the parameters,
       outside the token loop).
     options, **engine_options: `EngineOptions` (tau, layer_parallel, ..., check_memory).
@@ -64,11 +66,11 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
   num_tokens = validation.check_positive_int(num_tokens, "num_tokens")
   batch, length = prompt.shape
   total = length + num_tokens - 1
-  if total > config.l_max:
+  if total > config.l_max and distilled is None:
     raise ValueError(f"prompt length {length} + num_tokens {num_tokens} - 1 = {total} exceeds "
                      f"the model's maximum length l_max = {config.l_max}.")
   decoder = Decoder(params, config, strategy, max_length=total, options=options,
-                    check_finite=check_finite, donate_state=True)
+                    distilled=distilled, check_finite=check_finite, donate_state=True)
   decoder.check_request(batch, length, num_tokens,
                         advice="reduce the batch size or the number of tokens")
   state = decoder.prefill(prompt)
@@ -80,13 +82,16 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
 
 
 def teacher_forced_logits(params: Any, config, token_ids, *, prompt_length: int = 0,
-                          strategy: str = "flash", check_finite: bool = True,
-                          options: EngineOptions | None = None, **engine_options) -> Array:
+                          strategy: str = "flash", distilled: Any = None,
+                          check_finite: bool = True, options: EngineOptions | None = None,
+                          **engine_options) -> Array:
   """Feeds given tokens one position at a time and returns the logits of every position.
 
   The first `prompt_length` tokens go through one parallel prefill, the rest through the
   engine of `strategy` (`Decoder.score`); the result equals the parallel forward
-  `HyenaLM(config).apply`. `check_finite` and the options are as in `generate`.
+  `HyenaLM(config).apply` (with strategy='modal', the forward with the distilled filters:
+  `HyenaLM(config).apply(params, ids, taps=...)`). `distilled`, `check_finite` and the options
+  are as in `generate`.
 
   Returns:
     (B, L, padded_vocab) float32.
@@ -99,7 +104,7 @@ def teacher_forced_logits(params: Any, config, token_ids, *, prompt_length: int 
     raise ValueError(f"prompt_length must be an integer in [0, {total}], got {prompt_length!r}.")
   prompt_length = int(prompt_length)
   decoder = Decoder(params, config, strategy, max_length=total, options=options,
-                    check_finite=check_finite, donate_state=True)
+                    distilled=distilled, check_finite=check_finite, donate_state=True)
   decoder.check_request(batch, prompt_length,
                         advice="score fewer or shorter sequences at a time")
   logits, state = decoder.prefill(tokens[:, :prompt_length], return_logits=True)

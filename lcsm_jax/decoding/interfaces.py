@@ -11,7 +11,9 @@ positions in all, the engine's max_length minus P) through `steps`: the model's 
 step, its parallel forward, and the caller's `feed` (the input at r) and `emit` (what to keep
 from the output at r). `start` and `count` may be traced; M is static. Strategies that keep
 the convolutions' state and call the model's step derive from `strategies.base.MixingStrategy`,
-which supplies `run`; others (recompute) drive the model themselves.
+which supplies `run`; others (recompute) drive the model themselves. `strategies.base.
+StrategyBase` gives the defaults of the optional members (`needs_taps`, `unbounded`,
+`check_aux`, `prefill_taps`).
 
 S streams, B batch rows, D channels, P prompt positions, T = P + M.
 """
@@ -46,8 +48,20 @@ class Strategy(Protocol):
   """A decoding strategy (see the module docstring). Implementations are frozen dataclasses:
   hashable, so that they are static arguments of the compiled programs."""
 
-  name: ClassVar[str]    # the registry name
-  exact: ClassVar[bool]  # reproduces the parallel forward to float32 accuracy
+  name: ClassVar[str]         # the registry name
+  exact: ClassVar[bool]       # reproduces the parallel forward to float32 accuracy
+  needs_taps: ClassVar[bool]  # `prepare` needs the filters of every position (else tap 0)
+  unbounded: ClassVar[bool]   # sequences may grow past the model's filter length
+
+  @classmethod
+  def check_aux(cls, aux: Any, model: Any) -> None:
+    """Raises a ValueError unless `aux` (the strategy's extra inputs, e.g. distilled filters)
+    fits the model; strategies without extra inputs require None."""
+
+  def prefill_taps(self, tables: Tables, length: int) -> Array | None:
+    """Filters (length, S, D) for the model's parallel prefill instead of its own (None: its
+    own). An approximate strategy returns its own taps, so that the prefill and the steps
+    compute one model."""
 
   def prepare(self, taps: Array, aux: Any = None) -> Tables:
     """Tables from the filter taps (T, S, D) (and `aux`, strategy-specific inputs)."""

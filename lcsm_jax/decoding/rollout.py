@@ -54,24 +54,29 @@ def _run(params, tables, state: RolloutState, *, engine: Engine, num_steps: int)
 
 _PREFILL = jax.jit(_prefill, static_argnames=("engine",))
 _RUN = jax.jit(_run, static_argnames=("engine", "num_steps"))
+_RUN_DONATING = jax.jit(_run, static_argnames=("engine", "num_steps"), donate_argnames="state")
 
 
 class Rollout(Session):
   """A vector model (`models.interface.OnlineModel`) rolled out with any strategy; the
-  arguments are those of `Session`."""
+  arguments are those of `Session`, and donate_state: `run` reuses the buffers of the state it
+  is given for the state it returns (as `Decoder`'s; the given state must not be used again)."""
 
   def __init__(self, params: Any, model: OnlineModel, strategy: str = "flash",
-               max_length: int | None = None, options: EngineOptions | None = None,
-               **engine_options):
+               max_length: int | None = None, options: EngineOptions | None = None, *,
+               distilled: Any = None, donate_state: bool = False, **engine_options):
     super().__init__(params, model, strategy, max_length,
-                     EngineOptions.create(options, **engine_options))
+                     EngineOptions.create(options, **engine_options),
+                     aux=getattr(distilled, "filters", distilled))
+    self.donate_state = bool(donate_state)
+    self._run_program = _RUN_DONATING if self.donate_state else _RUN
 
   def prefill(self, prompt) -> tuple[Array, RolloutState]:
     """prompt (B, P, D) float, 1 <= P <= max_length -> (outputs (B, P, D), state)."""
     prompt = jnp.asarray(prompt, jnp.float32)
-    if prompt.ndim != 3 or not 1 <= prompt.shape[1] <= self.max_length or \
+    if prompt.ndim != 3 or not 1 <= prompt.shape[1] <= self.prompt_limit or \
         prompt.shape[2] != self.model.width:
-      raise ValueError(f"prompt must have shape (batch, 1..{self.max_length}, "
+      raise ValueError(f"prompt must have shape (batch, 1..{self.prompt_limit}, "
                        f"{self.model.width}), got {prompt.shape}.")
     static = dict(engine=self.engine(prompt.shape[0]))
     tables = self.tables
@@ -98,7 +103,7 @@ class Rollout(Session):
                  self.compiled(_PREFILL, dict(engine=engine), self.params, tables, prompt))}
     if num_steps is not None:
       parts["rollout"] = memory.program_bytes(self.compiled(
-          _RUN, dict(engine=engine, num_steps=num_steps), self.params, tables,
+          self._run_program, dict(engine=engine, num_steps=num_steps), self.params, tables,
           self.state_shape(batch, prompt_length)))
     return parts
 
@@ -109,14 +114,14 @@ class Rollout(Session):
       raise ValueError(f"cannot run {num_steps} steps after {position} positions: max_length "
                        f"is {self.max_length}.")
     static = dict(engine=self.engine(state.last.shape[0]), num_steps=int(num_steps))
-    compiled = self.compiled(_RUN, static, self.params, self.tables, state)
+    compiled = self.compiled(self._run_program, static, self.params, self.tables, state)
     self.check_memory({"rollout": memory.program_bytes(compiled)}, "run fewer steps per call")
     return compiled(self.params, self.tables, state)
 
 
 def rollout(params: Any, model: OnlineModel, prompt, num_steps: int, *,
             strategy: str = "flash", options: EngineOptions | None = None,
-            **engine_options) -> Array:
+            distilled: Any = None, **engine_options) -> Array:
   """Runs `model` over `prompt` (B, P, D), P >= 1, then `num_steps` positions feeding each
   output back as the next input. Returns all outputs (B, P + num_steps, D)."""
   prompt = jnp.asarray(prompt, jnp.float32)
@@ -124,9 +129,10 @@ def rollout(params: Any, model: OnlineModel, prompt, num_steps: int, *,
     raise ValueError(f"prompt must have shape (batch, length, {model.width}), got "
                      f"{prompt.shape}.")
   total = prompt.shape[1] + num_steps
-  if total > model.max_length:
+  if total > model.max_length and distilled is None:
     raise ValueError(f"length {total} exceeds the model's max_length = {model.max_length}.")
-  session = Rollout(params, model, strategy, total, options, **engine_options)
+  session = Rollout(params, model, strategy, total, options, distilled=distilled,
+                    **engine_options)
   outputs, state = session.prefill(prompt)
   if not num_steps:
     return outputs

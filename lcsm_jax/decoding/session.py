@@ -52,7 +52,9 @@ class Session:
     model: the model's online adapter.
     params: its parameters, on the default device.
     strategy: the strategy's registry name.
-    max_length: positions every sequence may reach (tables and states are sized for it).
+    max_length: positions every sequence may reach (tables and states are sized for it); at
+      most the model's, except for strategies that are `unbounded` (modal).
+    prompt_limit: the longest prompt (the model's parallel prefill stops at its max_length).
     options: the engine's options.
     aux: the strategy's extra inputs (e.g. distilled filters), or None.
   """
@@ -60,17 +62,22 @@ class Session:
   def __init__(self, params: Params, model: OnlineModel, strategy: str = "flash",
                max_length: int | None = None, options: EngineOptions | None = None,
                aux: Any = None):
-    strategies.strategy_class(strategy)  # a clear error for unknown names
+    cls = strategies.strategy_class(strategy)  # a clear error for unknown names
+    cls.check_aux(aux, model)
     self.model = model
     self.strategy = strategy
     self.options = options if options is not None else EngineOptions()
     if max_length is None:
       max_length = model.max_length
+    limit = None if cls.unbounded else model.max_length
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or \
-        not 1 <= max_length <= model.max_length:
-      raise ValueError(f"max_length must be an integer in [1, {model.max_length}] (the model's "
-                       f"maximum length), got {max_length!r}.")
+        max_length < 1 or (limit is not None and max_length > limit):
+      raise ValueError(
+          f"max_length must be an integer in [1, {model.max_length}] (the model's maximum "
+          f"length), got {max_length!r}." if limit is not None else
+          f"max_length must be an integer >= 1, got {max_length!r}.")
     self.max_length = int(max_length)
+    self.prompt_limit = min(self.max_length, model.max_length)
     self.params = jax.device_put(params)
     self.aux = aux
     self._tables: EngineTables | None = None

@@ -52,21 +52,24 @@ class ConvStack:
     taps = jnp.swapaxes(params["taps"][:, :length], 0, 1)  # (T, M, D)
     return taps, taps[0] + params["skip"]
 
-  def _layers(self, params: Params, x: Array, conv) -> tuple[Array, list[Array]]:
+  def _layers(self, params: Params, x: Array, conv, taps: Array | None
+              ) -> tuple[Array, list[Array]]:
     """The parallel forward's output and every layer's convolution input (B, L, D)."""
     inputs = []
     for layer in range(self.num_layers):
       inputs.append(x)
-      h = params["taps"][layer]
+      h = params["taps"][layer] if taps is None else taps[:, layer]
       x = jnp.tanh(conv(x, h).astype(jnp.float32) + params["skip"][layer] * x)
     return x, inputs
 
-  def forward(self, params: Params, x: Array, conv=convolution.causal_conv_fft) -> Array:
-    """The parallel forward: x (B, L, D) -> (B, L, D)."""
-    return self._layers(params, x, conv)[0]
+  def forward(self, params: Params, x: Array, taps: Array | None = None,
+              conv=convolution.causal_conv_fft) -> Array:
+    """The parallel forward: x (B, L, D) -> (B, L, D); taps: None, or filters (>= L, M, D) to
+    use instead of the parameters' (the skip terms stay)."""
+    return self._layers(params, x, conv, taps)[0]
 
-  def prefill(self, params: Params, x: Array) -> Prefill:
-    x, inputs = self._layers(params, x, convolution.causal_conv_fft)
+  def prefill(self, params: Params, x: Array, taps: Array | None = None) -> Prefill:
+    x, inputs = self._layers(params, x, convolution.causal_conv_fft, taps)
     return Prefill(x, jnp.moveaxis(jnp.stack(inputs), 2, 0), ())  # inputs (P, M, B, D)
 
   def constants(self, params: Params, diagonal: Array) -> Array:

@@ -52,10 +52,12 @@ class OnlineModel(Protocol):
   def constants(self, params: Params, diagonal: Array) -> Constants:
     """What `step` reads besides `params` (e.g. per-layer weights unstacked)."""
 
-  def forward(self, params: Params, inputs: Array) -> Array:
-    """The parallel forward: inputs (B, L, ...) -> outputs (B, L, ...)."""
+  def forward(self, params: Params, inputs: Array, taps: Array | None = None) -> Array:
+    """The parallel forward: inputs (B, L, ...) -> outputs (B, L, ...). taps: None, or long
+    filters (>= L, S, D) to use instead of the model's own (tap 0 included; skip terms stay
+    the model's), e.g. distilled ones."""
 
-  def prefill(self, params: Params, inputs: Array) -> Prefill:
+  def prefill(self, params: Params, inputs: Array, taps: Array | None = None) -> Prefill:
     """The parallel forward over a prompt (B, P, ...), P >= 1, and what it leaves behind."""
 
   def initial_carry(self, params: Params, batch: int) -> Carry:

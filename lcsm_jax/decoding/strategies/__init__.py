@@ -15,6 +15,7 @@ from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.strategies.eager import Eager
 from lcsm_jax.decoding.strategies.flash import Flash
 from lcsm_jax.decoding.strategies.lazy import Lazy
+from lcsm_jax.decoding.strategies.modal import Modal
 from lcsm_jax.decoding.strategies.recompute import Recompute
 
 REGISTRY: dict[str, Any] = {
@@ -22,6 +23,7 @@ REGISTRY: dict[str, Any] = {
     "lazy": Lazy,
     "eager": Eager,
     "recompute": Recompute,
+    "modal": Modal,  # approximate: the distilled recurrences of `lcsm_jax.distill`
 }
 STRATEGIES: tuple[str, ...] = tuple(REGISTRY)
 EXACT_STRATEGIES: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if cls.exact)

@@ -9,13 +9,13 @@ and, unable to order them, copy every buffer at every step (WORKSPACE.md, perfor
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 from jax import lax
 
 from lcsm_jax.decoding.interfaces import IO, State, Steps, Tables
-from lcsm_jax.models.interface import Carry
+from lcsm_jax.models.interface import Carry, OnlineModel
 
 Array = jax.Array
 
@@ -50,7 +50,26 @@ def token_loop(step: Callable[[Any, Array, Array], tuple[Any, Array]],
   return state, rest
 
 
-class MixingStrategy:
+class StrategyBase:
+  """Defaults of the optional parts of the `Strategy` interface."""
+
+  needs_taps: ClassVar[bool] = True   # prepare reads the model's filters for every position
+  unbounded: ClassVar[bool] = False   # sequences may grow past the model's filter length
+
+  @classmethod
+  def check_aux(cls, aux: Any, model: OnlineModel) -> None:
+    """Raises a ValueError unless `aux` (the strategy's extra inputs) fits `model`."""
+    if aux is not None:
+      raise ValueError(f"strategy {cls.name!r} takes no distilled filters (distilled= is for "
+                       "strategy='modal').")
+
+  def prefill_taps(self, tables: Tables, length: int) -> Array | None:
+    """Long filters (length, S, D) the model's parallel prefill uses instead of its own, or
+    None (the model's own)."""
+    return None
+
+
+class MixingStrategy(StrategyBase):
   """Base of the strategies that keep the long convolutions' state and call the model's step:
   they define `pending` and `update`, and inherit `run`."""
 

@@ -18,7 +18,7 @@ from jax import lax
 from lcsm_jax.decoding import blocks as blocks_lib
 from lcsm_jax.decoding import prompt as prompt_lib
 from lcsm_jax.decoding import schedule
-from lcsm_jax.decoding.options import GROUP_BYTES, EngineOptions
+from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.strategies import base
 from lcsm_jax.models.interface import Prefill
 
@@ -46,33 +46,34 @@ class Flash(base.MixingStrategy):
   """The tiled schedule.
 
   Attributes:
-    tau: block implementation (`EngineOptions.tau`), resolved: not 'auto' when blocks run
-      ('auto' is allowed for `prepare`, which then keeps spectra for every size).
-    pallas_max: with an integer tau, the Pallas kernel for blocks up to this size.
-    layer_parallel, precomputed_spectra, spectra_max_size, group_bytes: see `EngineOptions`.
+    options: the engine's options (tau, layer_parallel, precomputed_spectra,
+      spectra_max_size, group_bytes are flash's).
+    crossover: this machine's direct/FFT crossover, which resolves tau='auto' (None: not
+      resolved, allowed for `prepare`, which then keeps spectra for every size).
+    pallas_max: on accelerators with a measured table, the Pallas kernel for blocks up to this
+      size under tau='auto'.
   """
 
   name: ClassVar[str] = "flash"
   exact: ClassVar[bool] = True
 
-  tau: Any = "auto"
+  options: EngineOptions = EngineOptions()
+  crossover: int | None = None
   pallas_max: int | None = None
-  layer_parallel: bool = True
-  precomputed_spectra: bool = True
-  spectra_max_size: int | None = 1 << 15
-  group_bytes: int = GROUP_BYTES
 
   @classmethod
   def from_options(cls, options: EngineOptions, crossover: int | None = None,
                    pallas_max: int | None = None) -> "Flash":
-    """With tau='auto', `crossover` (and on accelerators `pallas_max`) resolve it."""
-    tau = options.tau
-    if tau == "auto" and crossover is not None:
-      tau = crossover
-    else:
-      pallas_max = None
-    return cls(tau, pallas_max, options.layer_parallel, options.precomputed_spectra,
-               options.spectra_max_size, options.group_bytes)
+    if options.tau != "auto":
+      crossover = pallas_max = None
+    return cls(options, crossover, pallas_max)
+
+  @property
+  def tau(self):
+    """The resolved tau: `options.tau`, or the crossover for 'auto' ('auto' if unresolved)."""
+    if self.options.tau == "auto" and self.crossover is not None:
+      return self.crossover
+    return self.options.tau
 
   @classmethod
   def needs_crossover(cls, options: EngineOptions) -> bool:
@@ -81,14 +82,14 @@ class Flash(base.MixingStrategy):
   def block_config(self, num_steps: int) -> blocks_lib.BlockConfig:
     return blocks_lib.block_config(schedule.block_sizes(num_steps), self.tau,
                                    pallas_max=self.pallas_max,
-                                   layer_parallel=self.layer_parallel)
+                                   layer_parallel=self.options.layer_parallel)
 
   def spectrum_sizes(self, length: int) -> list[int]:
     """Block sizes whose filter spectra `prepare` computes: every size a plan within `length`
     positions uses that may run by FFT (with tau='auto', every size) up to spectra_max_size."""
-    if not self.precomputed_spectra:
+    if not self.options.precomputed_spectra:
       return []
-    limit = self.spectra_max_size
+    limit = self.options.spectra_max_size
     sizes = [s for s in schedule.block_sizes(length) if limit is None or s <= limit]
     if self.tau == "auto":
       return sizes
@@ -176,9 +177,10 @@ class Flash(base.MixingStrategy):
   def group_shape(self, size: int, streams: int, batch: int, width: int) -> tuple[int, int]:
     """(streams, channels) of one group of a block of `size`: everything when its input window
     fits in `group_bytes`, else one stream and the widest power-of-two share of D that fits."""
-    if size * streams * batch * width * 4 <= self.group_bytes:
+    group_bytes = self.options.group_bytes
+    if size * streams * batch * width * 4 <= group_bytes:
       return streams, width
     chunk = width
-    while chunk % 2 == 0 and size * batch * chunk * 4 > self.group_bytes:
+    while chunk % 2 == 0 and size * batch * chunk * 4 > group_bytes:
       chunk //= 2
     return 1, chunk

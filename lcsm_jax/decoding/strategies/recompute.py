@@ -13,6 +13,7 @@ from jax import lax
 
 from lcsm_jax.decoding.interfaces import IO, Steps
 from lcsm_jax.decoding.options import EngineOptions
+from lcsm_jax.decoding.strategies import base
 from lcsm_jax.models.interface import Carry, Prefill
 
 Array = jax.Array
@@ -29,7 +30,7 @@ def buckets(total: int) -> list[int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Recompute:
+class Recompute(base.StrategyBase):
   name: ClassVar[str] = "recompute"
   exact: ClassVar[bool] = True
 

@@ -28,15 +28,18 @@ class HyenaStack(nn.Module):
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, collect_cache: bool = False) -> tuple[Array, MixerCache | None]:
+  def __call__(self, x: Array, collect_cache: bool = False, taps: Array | None = None
+               ) -> tuple[Array, MixerCache | None]:
+    """x (B, L, D); taps: None, or every layer's long filters (n_layer, >= L, N - 1, D) to use
+    instead of the implicit filters'."""
     blocks = nn.scan(
         HyenaBlock,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         length=self.config.n_layer,
-        in_axes=(),
+        in_axes=0,
     )(self.config, self.long_conv, collect_cache, self.dtype, self.param_dtype, name="blocks")
-    return blocks(x)
+    return blocks(x, taps)
 
 
 class HyenaLM(nn.Module):
@@ -63,17 +66,25 @@ class HyenaLM(nn.Module):
     self.ln_f = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, use_fast_variance=False,
                              dtype=self.dtype, param_dtype=self.param_dtype)
 
-  def __call__(self, input_ids: Array, collect_cache: bool = False):
+  def __call__(self, input_ids: Array, collect_cache: bool = False,
+               taps: Array | None = None):
     """Parallel forward.
 
     Args:
       input_ids: (B, L) integer token ids, L <= l_max.
       collect_cache: also return what generation needs to continue after these tokens.
+      taps: None, or long filters (>= L, S, D) for the S = n_layer x (order - 1) convolutions
+        (layer-major, as the decoding engine orders them) to use instead of the implicit
+        filters' (e.g. distilled ones; the skip terms stay the model's).
     Returns:
       logits (B, L, padded_vocab) in float32, and with `collect_cache` a `MixerCache` whose
       arrays carry a leading layer axis.
     """
-    x, cache = self.stack(self.embed(input_ids), collect_cache)
+    if taps is not None:
+      cfg = self.config
+      taps = jnp.moveaxis(taps.reshape(taps.shape[0], cfg.n_layer, cfg.num_convolutions,
+                                       cfg.d_model), 1, 0)
+    x, cache = self.stack(self.embed(input_ids), collect_cache, taps)
     logits = self.head(x)
     return (logits, cache) if collect_cache else logits
 

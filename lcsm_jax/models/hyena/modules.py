@@ -170,9 +170,12 @@ class HyenaOperator(nn.Module):
     parts = jnp.split(z, self.config.order + 1, axis=-1)
     return parts[:-1], parts[-1]
 
-  def __call__(self, u: Array) -> tuple[Array, "MixerCache"]:
+  def __call__(self, u: Array, taps: Array | None = None) -> tuple[Array, "MixerCache"]:
     """Parallel forward over `u` (B, L, D).
 
+    Args:
+      taps: (>= L, N - 1, D) long filters to use instead of the implicit filter's (the skip
+        terms stay this module's), e.g. distilled ones; None: the module's own.
     Returns:
       y: (B, L, D); cache: the convolution inputs (N - 1, B, L, D) and the short-conv history.
     """
@@ -182,6 +185,8 @@ class HyenaOperator(nn.Module):
     z, history = self.short_conv(self.in_proj(u))
     gates, v = self._split(z)
     h, skip = self.filters(length)
+    if taps is not None:
+      h = taps[:length].astype(h.dtype)
     conv = convolution.long_convolution(self.long_conv)
 
     def convolve(o, a):
@@ -239,7 +244,7 @@ class Mlp(nn.Module):
 class HyenaBlock(nn.Module):
   """Pre-norm residual block: `x + mixer(norm1(x))`, then `x + mlp(norm2(x))`.
 
-  `__call__` has the `(carry, _) -> (carry, out)` form so that `nn.scan` stacks the blocks.
+  `__call__` has the `(carry, taps) -> (carry, out)` form so that `nn.scan` stacks the blocks.
   """
 
   config: HyenaConfig
@@ -262,9 +267,10 @@ class HyenaBlock(nn.Module):
       return x.astype(jnp.promote_types(self.dtype, jnp.float32))
     return x.astype(self.dtype)
 
-  def __call__(self, x: Array, _: Any = None) -> tuple[Array, MixerCache | None]:
-    """x: residual stream (B, L, D). Returns the new stream and, if collected, the cache."""
-    y, cache = self.mixer(self.norm1(x))
+  def __call__(self, x: Array, taps: Array | None = None) -> tuple[Array, MixerCache | None]:
+    """x: residual stream (B, L, D); taps: as in `HyenaOperator.__call__`. Returns the new
+    stream and, if collected, the cache."""
+    y, cache = self.mixer(self.norm1(x), taps)
     x = self._residual(x + y)
     x = self._residual(x + self.mlp(self.norm2(x)))
     return x, (cache if self.collect_cache else None)

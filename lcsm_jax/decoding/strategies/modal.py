@@ -1,0 +1,155 @@
+"""'modal': the long convolutions replaced by distilled modal recurrences (Laughing Hyena
+distillation; `lcsm_jax.distill`). Approximate: exact for the model whose filters are the
+distilled ones, h[t] = Re sum_n R_n p_n^(t-1) for t >= 1 (h[0] and the skip term exact).
+
+Per stream, channel and pole, the state x[t] = p x[t-1] + a[t] holds the convolution's whole
+past: the pending output of position t is Re sum_n R_n x_n[t-1], so a step costs O(N) per
+channel and the state is S x B x D x N/2 complex numbers whatever the length. Sequences may
+grow past the model's filter length (the recurrence is defined for every t).
+
+The prompt's state is computed in parallel: x[P-1] = sum_s p^(P-1-s) a[s], by a chunked
+Vandermonde sum ('vandermonde', default: chunks of `chunk` positions, each one batched product,
+carried across chunks by p^chunk) or by FFT convolution with the kernel p^t ('fft').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcsm_jax import convolution
+from lcsm_jax.decoding.options import EngineOptions
+from lcsm_jax.decoding.strategies import base
+from lcsm_jax.models.interface import OnlineModel, Prefill
+
+Array = jax.Array
+
+PREFILL_METHODS = ("vandermonde", "fft")
+
+
+class ModalTables(NamedTuple):
+  poles: Array     # (S, D, H) complex64, H = N / 2
+  residues: Array  # (S, D, H) complex64
+  tap0: Array      # (S, D) the model's own h[0], kept exactly
+
+
+class ModalState(NamedTuple):
+  x: Array  # (S, B, D, H) complex64: the state after the latest fed position
+
+
+def powers(poles: Array, count: int) -> Array:
+  """(count, ...) complex64: poles ** k for k = 0 .. count - 1, by repeated products (exact
+  for poles equal to 0, unlike exp(k log p))."""
+  ones = jnp.ones((1,) + poles.shape, poles.dtype)
+  if count == 1:
+    return ones
+  rest = jnp.broadcast_to(poles, (count - 1,) + poles.shape)
+  return jnp.concatenate([ones, jnp.cumprod(rest, axis=0)], axis=0)
+
+
+def prompt_state_vandermonde(poles: Array, inputs: Array, chunk: int) -> Array:
+  """x[P-1] = sum_s p^(P-1-s) a[s] for inputs a (P, S, B, D) and poles (S, D, H), by chunks of
+  `chunk` positions: (S, B, D, H) complex64."""
+  length = inputs.shape[0]
+  chunk = max(1, min(chunk, length))
+  padded = -(-length // chunk) * chunk
+  # zeros in front: they add nothing, and every chunk is full
+  a = jnp.concatenate([jnp.zeros((padded - length,) + inputs.shape[1:], inputs.dtype), inputs])
+  a = a.astype(jnp.float32).reshape((padded // chunk, chunk) + inputs.shape[1:])
+  within = powers(poles, chunk)[::-1]    # (C, S, D, H): p^(C-1-j) for position j of a chunk
+  across = within[0] * poles             # p^C
+
+  def add_chunk(x, block):               # block (C, S, B, D)
+    part = jnp.einsum("csbd,csdh->sbdh", block.astype(jnp.complex64), within)
+    return x * across[:, None] + part, None
+
+  x0 = jnp.zeros((inputs.shape[1], inputs.shape[2]) + poles.shape[1:], jnp.complex64)
+  x, _ = lax.scan(add_chunk, x0, a)
+  return x
+
+
+def prompt_state_fft(poles: Array, inputs: Array) -> Array:
+  """The same state by FFT: the causal convolution of a with the kernel p^t, read at P - 1."""
+  length = inputs.shape[0]
+  n = convolution.fft_length(2 * length)
+  kernel = powers(poles, length)                                        # (P, S, D, H)
+  kernel_f = jnp.fft.fft(jnp.moveaxis(kernel, 0, -1), n=n)              # (S, D, H, F)
+  a_f = jnp.fft.fft(jnp.moveaxis(inputs.astype(jnp.complex64), 0, -1), n=n)  # (S, B, D, F)
+  y = jnp.fft.ifft(a_f[..., None, :] * kernel_f[:, None], n=n)          # (S, B, D, H, F)
+  return y[..., length - 1].astype(jnp.complex64)
+
+
+def modal_taps(poles: Array, residues: Array, diagonal_tap: Array, length: int) -> Array:
+  """(length, S, D) float32: row 0 = diagonal_tap (S, D), rows t >= 1 = Re sum R p^(t-1)."""
+  rest = jnp.einsum("tsdh,sdh->tsd", powers(poles, max(length - 1, 1)), residues).real
+  return jnp.concatenate([diagonal_tap[None].astype(jnp.float32),
+                          rest[:length - 1].astype(jnp.float32)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Modal(base.MixingStrategy):
+  """Attributes: chunk, prompt positions per chunk of the Vandermonde prefill; prefill,
+  'vandermonde' or 'fft'."""
+
+  name: ClassVar[str] = "modal"
+  exact: ClassVar[bool] = False
+  needs_taps: ClassVar[bool] = False
+  unbounded: ClassVar[bool] = True
+
+  chunk: int = 256
+  prefill: str = "vandermonde"
+
+  def __post_init__(self):
+    if self.prefill not in PREFILL_METHODS:
+      raise ValueError(f"modal prefill must be one of {PREFILL_METHODS}, got {self.prefill!r}.")
+
+  @classmethod
+  def from_options(cls, options: EngineOptions, crossover=None, pallas_max=None) -> "Modal":
+    return cls(options.chunk)
+
+  @classmethod
+  def check_aux(cls, aux: Any, model: OnlineModel) -> None:
+    if aux is None:
+      raise ValueError("strategy 'modal' needs distilled filters: pass distilled= (from "
+                       "lcsm_jax.distill(...) or a checkpoint saved with them).")
+    poles, residues = getattr(aux, "poles", None), getattr(aux, "residues", None)
+    if poles is None or residues is None:
+      raise TypeError(f"distilled must be the result of lcsm_jax.distill (or its filters), got "
+                      f"{type(aux).__name__}.")
+    want = (model.num_streams, model.width)
+    problems = [f"{name} has shape {tuple(x.shape)}, the model needs {want + ('N/2',)}"
+                for name, x in (("poles", poles), ("residues", residues))
+                if x.ndim != 3 or tuple(x.shape[:2]) != want]
+    if not problems and poles.shape != residues.shape:
+      problems.append(f"poles {tuple(poles.shape)} and residues {tuple(residues.shape)} differ")
+    if problems:
+      raise ValueError("distilled filters do not match the model (another model or config?): "
+                       + "; ".join(problems) + ".")
+
+  def prepare(self, taps: Array, aux: Any = None) -> ModalTables:
+    return ModalTables(jnp.asarray(aux.poles, jnp.complex64),
+                       jnp.asarray(aux.residues, jnp.complex64), taps[0])
+
+  def prefill_taps(self, tables: ModalTables, length: int) -> Array:
+    return modal_taps(tables.poles, tables.residues, tables.tap0, length)
+
+  def init(self, tables: ModalTables, prompt: Array, prefill: Prefill,
+           num_steps: int) -> ModalState:
+    inputs = prefill.conv_inputs  # (P, S, B, D)
+    if inputs.shape[0] == 0:
+      shape = (inputs.shape[1], inputs.shape[2]) + tables.poles.shape[1:]
+      return ModalState(jnp.zeros(shape, jnp.complex64))
+    if self.prefill == "fft":
+      return ModalState(prompt_state_fft(tables.poles, inputs))
+    return ModalState(prompt_state_vandermonde(tables.poles, inputs, self.chunk))
+
+  def pending(self, tables: ModalTables, state: ModalState, r) -> Array:
+    return jnp.einsum("sbdh,sdh->sbd", state.x, tables.residues).real.astype(jnp.float32)
+
+  def update(self, tables: ModalTables, state: ModalState, r, inputs: Array,
+             num_steps: int) -> ModalState:
+    return ModalState(state.x * tables.poles[:, None] + inputs.astype(jnp.complex64)[..., None])
