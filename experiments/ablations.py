@@ -14,7 +14,7 @@ Around a base model (the stack: --layers x --width, batch --batch), one factor a
                        d_inner --inner_width, at --lm_length)
 
 Each point times flash and (except for the two option sweeps) lazy over positions [1, L), as
-`benchmarking.measure_strategy` does (lazy sampled above --sample_above), and reports the
+`lib.sampling.measure_strategy` does (lazy sampled above --sample_above), and reports the
 speedup of flash over lazy. Writes --out (JSON points plus "sweeps"), a CSV and a PNG with one
 panel per sweep.
 """
@@ -25,16 +25,20 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from experiments import benchmarking
-from lcsm_jax.engine import EngineOptions
+from experiments.lib import flags as flags_lib
+from experiments.lib import plots
+from experiments.lib import sampling as sampling_lib
+from experiments.lib import store as store_lib
+from experiments.lib.workloads import Workload
+from lcsm_jax.decoding import EngineOptions
 
 SWEEPS = ("layer_parallel", "precomputed_spectra", "batch", "layers", "width", "order")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = dict(flag_values=flag_values)
-  benchmarking.define_model_flags(flag_values)
-  benchmarking.define_sampling_flags(flag_values)
+  flags_lib.define_model_flags(flag_values)
+  flags_lib.define_sampling_flags(flag_values)
   flags.DEFINE_integer("length", 256, "Sequence length L of the stack sweeps.", **fv)
   flags.DEFINE_integer("lm_length", 256, "Sequence length L of the order sweep (the LM).", **fv)
   flags.DEFINE_list("sweeps", list(SWEEPS), f"Sweeps to run, from {SWEEPS}.", **fv)
@@ -43,11 +47,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list("widths", ["64", "128", "256", "512", "1024"], "Widths D.", **fv)
   flags.DEFINE_list("orders", ["2", "3"], "Hyena orders of the language model.", **fv)
   flags.DEFINE_list("strategies", ["flash", "lazy"], "Strategies timed at every point.", **fv)
-  flags.DEFINE_string("out", str(benchmarking.RESULTS_DIR / "ablations.json"), "JSON output; "
-                      "the CSV and PNG are written beside it.", **fv)
+  flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "ablations.json")
 
 
-def sweep_points(base: benchmarking.Workload, sweep: str, values, lm_length: int):
+def sweep_points(base: Workload, sweep: str, values, lm_length: int):
   """[(value, workload, options overrides, strategies allowed)] of one sweep."""
   flash_only = ("flash",)
   if sweep == "layer_parallel":
@@ -66,11 +69,11 @@ def sweep_points(base: benchmarking.Workload, sweep: str, values, lm_length: int
   raise ValueError(f"unknown sweep {sweep!r}; choose from {SWEEPS}.")
 
 
-def run_ablations(base: benchmarking.Workload, length: int, lm_length: int, sweeps,
+def run_ablations(base: Workload, length: int, lm_length: int, sweeps,
                   values: dict, strategies, tau, repeats: int,
-                  sampling: benchmarking.Sampling, out) -> dict:
+                  sampling: sampling_lib.Sampling, out) -> dict:
   """Runs the sweeps; returns {sweep: [{"value", "flash_seconds", "lazy_seconds", ...}]}."""
-  store = benchmarking.Store(out)
+  store = store_lib.Store(out)
   results = {}
   for sweep in sweeps:
     rows = []
@@ -87,11 +90,11 @@ def run_ablations(base: benchmarking.Workload, length: int, lm_length: int, swee
         key = dict(work.describe(), what="generate", length=n, strategy=strategy,
                    repeats=repeats, tau=tau if strategy == "flash" else None,
                    **({k: v for k, v in overrides.items()} if strategy == "flash" else {}),
-                   **benchmarking.sampling_key(sampling, strategy, n))
-        if store.get(benchmarking.key_of(**key)) is None and params is None:
+                   **sampling.key(strategy, n))
+        if store.get(store_lib.key_of(**key)) is None and params is None:
           params = work.params()
-        entry = store.run(benchmarking.key_of(**key), lambda s=strategy: (
-            benchmarking.measure_strategy(work, params, s, n, options, repeats, sampling)))
+        entry = store.run(store_lib.key_of(**key), lambda s=strategy: (
+            sampling_lib.measure_strategy(work, params, s, n, options, repeats, sampling)))
         row[f"{strategy}_seconds"] = entry["total_seconds"]
         row[f"{strategy}_per_token_seconds"] = entry["per_token_seconds"]
         row[f"{strategy}_method"] = entry["method"]
@@ -103,15 +106,15 @@ def run_ablations(base: benchmarking.Workload, length: int, lm_length: int, swee
       rows.append(row)
     results[sweep] = rows
   store.set("sweeps", results)
-  json_path, csv_path, png_path = benchmarking.output_paths(store.path)
-  benchmarking.write_csv(csv_path, [r for rows in results.values() for r in rows])
+  json_path, csv_path, png_path = plots.output_paths(store.path)
+  store_lib.write_csv(csv_path, [r for rows in results.values() for r in rows])
   plot(results, png_path, base, length)
   logging.info("wrote %s, %s, %s", json_path, csv_path, png_path)
   return results
 
 
 def plot(results, path, base, length: int) -> None:
-  plt = benchmarking.pyplot()
+  plt = plots.pyplot()
   names = [s for s in results if results[s]]
   if not names:
     return
@@ -138,19 +141,19 @@ def plot(results, path, base, length: int) -> None:
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
-  fig.suptitle(f"ablations around {benchmarking.key_of(**base.describe())}, L = {length}; "
+  fig.suptitle(f"ablations around {store_lib.key_of(**base.describe())}, L = {length}; "
                "labels: flash speedup over lazy", fontsize=9)
-  benchmarking.save_figure(fig, path)
+  plots.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
-  base = benchmarking.workload_from_flags(f, f.length)
+  base = flags_lib.workload_from_flags(f, f.length)
   values = {"batch": [int(v) for v in f.batches], "layers": [int(v) for v in f.layer_counts],
             "width": [int(v) for v in f.widths], "order": [int(v) for v in f.orders]}
   run_ablations(base, f.length, f.lm_length, f.sweeps, values, f.strategies,
-                benchmarking.parse_tau(f.tau), f.repeats, benchmarking.sampling_from_flags(f),
+                flags_lib.tau(f), f.repeats, flags_lib.sampling_from_flags(f),
                 f.out)
 
 

@@ -10,11 +10,15 @@ of --repeats runs after a warm-up), time per token, compile time (apart), the fi
 (apart: once per model), XLA's memory analysis of the program and the process's peak RSS, the
 ratio to lazy and to one offline parallel forward of the same length (also compiled apart).
 Strategies too slow to run in full are measured on a sample and say so (`"method": "sampled"`
-or `"extrapolated"`, see `benchmarking.Sampling`): lazy above --sample_above (per-token cost
+or `"extrapolated"`, see `lib.sampling.Sampling`): lazy above --sample_above (per-token cost
 at --sample_positions prompt lengths, interpolated and summed), recompute above
 --sample_recompute_above (one sample per power-of-two bucket), eager above --eager_max (fitted
 on full runs at smaller L). Lazy's memory roofline (the bytes it must read over the measured
 read bandwidth) is reported beside it.
+
+Programs (`lib.workloads`): the stack in a `lcsm_jax.decoding.Rollout` (prefill of one position,
+then `run(state, L - 1)`), the language model in a `lcsm_jax.Decoder` (prefill of one token,
+then `score(state, ids[:, 1:])`); the offline forward is `ConvStack.forward` / `HyenaLM.apply`.
 
 Writes --out (JSON): "points" (one per measured strategy/config; kept across runs, so a re-run
 skips what is there) and "results" (per config: the table above, with ratios).
@@ -26,24 +30,28 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from experiments import benchmarking
-from lcsm_jax.engine import EngineOptions
+from experiments.lib import flags as flags_lib
+from experiments.lib import machine
+from experiments.lib import sampling as sampling_lib
+from experiments.lib import store as store_lib
+from experiments.lib import workloads
+from lcsm_jax.decoding import EngineOptions
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The runner's flags (defined by `__main__` only, so that importing this module for its
   functions defines no global flags that could clash with another runner's)."""
   fv = dict(flag_values=flag_values)
-  benchmarking.define_model_flags(flag_values)
-  benchmarking.define_sampling_flags(flag_values, recompute_above=256)
+  flags_lib.define_model_flags(flag_values)
+  flags_lib.define_sampling_flags(flag_values, recompute_above=256)
   flags.DEFINE_integer("length", 1024, "Sequence length L (prompt of 1, then L - 1 steps).",
                        **fv)
   flags.DEFINE_list("strategies", ["flash", "lazy", "eager", "recompute"], "Strategies to "
                     "time.", **fv)
   flags.DEFINE_integer("bandwidth_megabytes", 256, "Array size of the read-bandwidth probe.",
                        **fv)
-  flags.DEFINE_string("out", str(benchmarking.RESULTS_DIR / "bench_generate.json"), "JSON "
-                      "output (points already in it are not measured again).", **fv)
+  flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "bench_generate.json",
+                            "JSON output (points already in it are not measured again).")
 
 
 def run_benchmark(model: str, length: int, layers: int, width: int, inner_width: int,
@@ -59,44 +67,38 @@ def run_benchmark(model: str, length: int, layers: int, width: int, inner_width:
      "speedup_vs_lazy" (lazy's time / this one's; when lazy was measured) and
      "vs_offline_forward" (this time / one forward); lazy also "mixing_roofline_seconds"}}.
   """
-  work = benchmarking.Workload(model, layers, width, batch, inner_width, order, length)
-  sampling = benchmarking.Sampling(lazy_above=sample_above,
+  work = workloads.Workload(model, layers, width, batch, inner_width, order, length)
+  sampling = sampling_lib.Sampling(lazy_above=sample_above,
                                    recompute_above=sample_recompute_above, eager_max=eager_max,
                                    positions=sample_points, steps=sample_steps,
                                    recompute_steps=recompute_sample_steps)
-  store = benchmarking.Store(out) if out else None
+  store = store_lib.Store(out) if out else None
   config = dict(work.describe(), length=length, tau=tau, repeats=repeats)
   params = work.params()
   options = EngineOptions(tau=tau)
 
   def point(key: dict, measure):
-    key = benchmarking.key_of(**key)
-    return store.run(key, measure) if store else measure()
+    return store_lib.point(store, key, measure)
 
-  def forward():
-    program = work.forward(params, length)
-    seconds, _ = benchmarking.median_seconds(program.run, repeats)
-    return {"seconds": seconds, "compile_seconds": program.compile_seconds,
-            "xla_memory": program.memory}
-
-  offline = point(dict(config, what="offline_forward", tau=None), forward)
+  offline = point(dict(config, what="offline_forward", tau=None),
+                  lambda: sampling_lib.offline_forward(work, params, length, repeats))
   logging.info("offline forward over L=%d: %.1f ms", length, offline["seconds"] * 1e3)
   bandwidth = point({"what": "read_bandwidth", "megabytes": bandwidth_megabytes},
-                    lambda: benchmarking.read_bandwidth(bandwidth_megabytes))
-  result = {"machine": benchmarking.machine(), "config": dict(config, streams=work.streams),
+                    lambda: machine.read_bandwidth(bandwidth_megabytes))
+  result = {"machine": machine.machine(), "config": dict(config, streams=work.streams),
             "offline_forward": offline, "read_bandwidth_bytes_per_second": bandwidth,
             "strategies": {}}
   for strategy in strategies:
     key = dict(config, what="generate", strategy=strategy,
                tau=tau if strategy == "flash" else None,  # tau is flash's only
-               **benchmarking.sampling_key(sampling, strategy, length))
-    entry = dict(point(key, lambda s=strategy: benchmarking.measure_strategy(
+               **sampling.key(strategy, length))
+    entry = dict(point(key, lambda s=strategy: sampling_lib.measure_strategy(
         work, params, s, length, options, repeats, sampling)))
     entry["vs_offline_forward"] = entry["total_seconds"] / offline["seconds"]
     result["strategies"][strategy] = entry
   if "lazy" in result["strategies"]:
     lazy = result["strategies"]["lazy"]
-    lazy["mixing_roofline_seconds"] = benchmarking.lazy_bytes(
+    lazy["mixing_roofline_seconds"] = workloads.lazy_bytes(
         length, work.streams, batch, width) / bandwidth
     for entry in result["strategies"].values():
       entry["speedup_vs_lazy"] = lazy["total_seconds"] / entry["total_seconds"]
@@ -108,7 +110,7 @@ def run_benchmark(model: str, length: int, layers: int, width: int, inner_width:
                  if "speedup_vs_lazy" in entry else "")
   if store:
     results = store.data.setdefault("results", {})
-    results[benchmarking.key_of(**config)] = result
+    results[store_lib.key_of(**config)] = result
     store.save()
     logging.info("wrote %s", store.path)
   return result
@@ -118,7 +120,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
   run_benchmark(f.model, f.length, f.layers, f.width, f.inner_width, f.order, f.batch,
-                f.strategies, benchmarking.parse_tau(f.tau), f.repeats, f.sample_above,
+                f.strategies, flags_lib.tau(f), f.repeats, f.sample_above,
                 f.sample_positions, f.sample_steps, f.sample_recompute_above, f.eager_max,
                 f.recompute_sample_steps, f.out, f.bandwidth_megabytes)
 

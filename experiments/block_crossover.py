@@ -7,15 +7,16 @@ r"""Direct vs FFT flash blocks per block size U on this machine, and what the ch
 
 1. For U = 1, 2, 4, ... --max_size, the time of one block over the stack's channels (inputs
    (U, S, B, D) with S = --layers, B = --batch, D = --width, taps (2U, S, D), output U rows: the
-   call flash makes, `blocks.apply_block`) with the direct (O(U^2)) and the FFT (precomputed
-   spectra) implementation, measured two ways: "in_loop", the block repeated inside one compiled
-   loop over sliding windows (what flash pays: no dispatch), and "per_call", one jitted call
-   (what `lcsm_jax/tuning/crossover.py` measures, dispatch included; its `time_block` itself,
-   over S * B * D channels). Direct stops being timed once it is --stop_ratio times slower than
-   FFT. The crossover (largest U up to which direct was never slower) is reported for both,
-   beside the one `tau='auto'` uses now (`crossover.crossover`, from its cache); with
-   --write_cache the in-loop crossover and table are written to that cache for this backend and
-   channel count (`$LCSM_JAX_CACHE_DIR/crossover.json`), so later runs of tau='auto' use it.
+   call flash makes, `lcsm_jax.decoding.blocks.apply_block`) with the direct (O(U^2)) and the
+   FFT (precomputed spectra) implementation, measured two ways: "in_loop", the block repeated
+   inside one compiled loop over sliding windows (what flash pays: no dispatch;
+   `lib.blocks.time_in_loop`), and "per_call", one jitted call (what
+   `lcsm_jax/tuning/crossover.py` measures, dispatch included: its `time_block` itself, over
+   S * B * D channels). Direct stops being timed once it is --stop_ratio times slower than FFT.
+   The crossover (largest U up to which direct was never slower) is reported for both, beside
+   the one `tau='auto'` uses now (`crossover.crossover`, from its cache); with --write_cache the
+   in-loop crossover and table are written to that cache (`crossover.cache_path()`) under this
+   machine's `crossover.cache_key(channels)`, so later runs of tau='auto' use it.
 2. The total flash generation time of the stack at --length for every tau in --taus ('auto',
    'fft', 'direct' or an integer crossover); taus with direct blocks above --max_direct_size are
    skipped.
@@ -26,28 +27,31 @@ PNG (block time vs U; flash time vs tau).
 
 from __future__ import annotations
 
-import functools
 import json
+import os
+import tempfile
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
-import jax.numpy as jnp
-from jax import lax
 
-from experiments import benchmarking
-from lcsm_jax import blocks as blocks_lib
-from lcsm_jax import schedule
+from experiments.lib import blocks as block_timing
+from experiments.lib import flags as flags_lib
+from experiments.lib import plots
+from experiments.lib import sampling as sampling_lib
+from experiments.lib import store as store_lib
+from experiments.lib.workloads import Workload
+from lcsm_jax.decoding import EngineOptions, parse_tau
+from lcsm_jax.decoding import blocks as blocks_lib
+from lcsm_jax.decoding import schedule
 from lcsm_jax.tuning import crossover as crossover_lib
-from lcsm_jax.engine import EngineOptions
 
 METHODS = ("direct", "fft")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = dict(flag_values=flag_values)
-  benchmarking.define_model_flags(flag_values, repeats=5, with_tau=False)
+  flags_lib.define_model_flags(flag_values, repeats=5, with_tau=False)
   flags.DEFINE_integer("max_size", 256, "Largest block size U timed.", **fv)
   flags.DEFINE_float("stop_ratio", 8.0, "Direct is not timed at larger U once it is this many "
                      "times slower than FFT.", **fv)
@@ -60,76 +64,57 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        **fv)
   flags.DEFINE_bool("write_cache", False, "Write the in-loop crossover into tau='auto''s cache.",
                     **fv)
-  flags.DEFINE_string("out", str(benchmarking.RESULTS_DIR / "block_crossover.json"), "JSON "
-                      "output; the CSV and PNG are written beside it.", **fv)
-
-
-@functools.lru_cache(maxsize=64)
-def _block_loop(method: str, size: int, inner: int):
-  config = blocks_lib.BlockConfig(((size, method),))
-
-  @jax.jit
-  def run(buffer, taps, spectra):  # buffer (size + inner, S, B, D)
-    def body(j, acc):  # the window moves with j, as in flash, so nothing is hoisted
-      window = lax.dynamic_slice_in_dim(buffer, j, size, axis=0)
-      return acc + blocks_lib.apply_block(config, window, taps, spectra, size)
-    zeros = jnp.zeros((size,) + buffer.shape[1:], jnp.float32)
-    return lax.fori_loop(0, inner, body, zeros)
-  return run, config
+  flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "block_crossover.json")
 
 
 def time_block_in_loop(method: str, size: int, streams: int, batch: int, width: int,
                        inner: int, repeats: int) -> dict:
-  """Seconds per block of `method` and `size`, `inner` blocks in one compiled loop."""
-  inner = max(2, min(inner, 4096 // size))
-  run, config = _block_loop(method, size, inner)
-  k_x, k_t = jax.random.split(jax.random.key(size))
-  buffer = jax.random.normal(k_x, (size + inner, streams, batch, width), jnp.float32)
-  taps = jax.random.normal(k_t, (2 * size, streams, width), jnp.float32)
-  spectra = blocks_lib.spectra_for(taps, config)
-  executable, compile_seconds, _ = benchmarking.compiled(run, buffer, taps, spectra)
-  seconds, _ = benchmarking.median_seconds(lambda: executable(buffer, taps, spectra), repeats)
-  return {"seconds": seconds / inner, "inner": inner, "compile_seconds": compile_seconds}
-
-
-def crossover_of(table: dict[int, dict[str, float | None]]) -> int:
-  """Largest U such that direct was timed and no slower than FFT at every U' <= U (0: none);
-  the definition `crossover_lib.measure_crossover` uses."""
-  best = 0
-  for size in sorted(table):
-    direct, fft = table[size].get("direct"), table[size].get("fft")
-    if direct is None or fft is None or direct > fft:
-      break
-    best = size
-  return best
+  """Seconds per block of `method` and `size`, `inner` blocks (at most 4096 / U, at least 2)
+  in one compiled loop."""
+  return block_timing.time_in_loop(blocks_lib.BlockConfig(((size, method),)), size, streams,
+                                   batch, width, max(2, min(inner, 4096 // size)), repeats)
 
 
 def max_direct_block(tau, length: int, crossover: int) -> int:
-  """Largest direct block size in the flash plan of L - 1 steps under `tau`."""
-  sizes = schedule.block_sizes(length - 1)
-  if tau == "fft" or not sizes:
-    return 0
-  limit = {"direct": max(sizes), "auto": crossover}.get(tau, tau)
-  return max([s for s in sizes if s <= limit], default=0)
+  """Largest direct block size in the flash plan of L - 1 steps under `tau` ('auto': the
+  given crossover), by `lcsm_jax.decoding.blocks.method_for`."""
+  resolved = crossover if tau == "auto" else tau
+  return max([s for s in schedule.block_sizes(length - 1)
+              if blocks_lib.method_for(s, resolved) == "direct"], default=0)
 
 
-def run_crossover(work: benchmarking.Workload, max_size: int, repeats: int, stop_ratio: float,
+def write_cache_entry(channels: int, crossover: int, table: dict) -> None:
+  """Stores `crossover` (and the table it came from) for tau='auto' under this machine's
+  `crossover_lib.cache_key(channels)` in `crossover_lib.cache_path()`, atomically."""
+  path, key = crossover_lib.cache_path(), crossover_lib.cache_key(channels)
+  cache = json.loads(path.read_text()) if path.exists() else {}
+  cache[key] = {"crossover": crossover, "channels": channels,
+                "per_block_size": {str(u): v for u, v in table.items()},
+                "source": "experiments/block_crossover.py (in-loop timing)"}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+    json.dump(cache, f, indent=2, sort_keys=True)
+  os.replace(f.name, path)
+  logging.info("wrote crossover %d for %s to %s", crossover, key, path)
+
+
+def run_crossover(work: Workload, max_size: int, repeats: int, stop_ratio: float,
                   inner: int, length: int, taus, max_direct_size: int, write_cache: bool,
                   out) -> dict:
   """Measures the block table and the flash runs; returns the summary written to `out`."""
-  store = benchmarking.Store(out)
+  store = store_lib.Store(out)
   shape = {"streams": work.streams, "batch": work.batch, "width": work.width}
   channels = work.channels
   tables = {"in_loop": {}, "per_call": {}}
   stopped = {"in_loop": False, "per_call": False}
-  for size in benchmarking.powers_of_two(1, max_size):
+  for size in block_timing.powers_of_two(1, max_size):
     for timing, table in tables.items():
       table[size] = {}
       for method in METHODS:
         if method == "direct" and stopped[timing]:
           table[size][method] = None
           continue
-        key = benchmarking.key_of(what="block", timing=timing, method=method, size=size,
+        key = store_lib.key_of(what="block", timing=timing, method=method, size=size,
                                   repeats=repeats, **shape)
         if timing == "in_loop":
           measure = lambda m=method: time_block_in_loop(m, size, work.streams, work.batch,
@@ -141,18 +126,11 @@ def run_crossover(work: benchmarking.Workload, max_size: int, repeats: int, stop
       direct, fft = table[size]["direct"], table[size]["fft"]
       if direct is not None and direct > stop_ratio * fft:
         stopped[timing] = True
-  crossover = {timing: crossover_of(table) for timing, table in tables.items()}
+  crossover = {timing: block_timing.crossover(table) for timing, table in tables.items()}
   summary = {"channels": channels, **shape, "crossover": crossover, "tables": {
       timing: {str(u): v for u, v in table.items()} for timing, table in tables.items()}}
   if write_cache:
-    path, key = crossover_lib.cache_path(), crossover_lib.cache_key(channels)
-    cache = json.loads(path.read_text()) if path.exists() else {}
-    cache[key] = {"crossover": crossover["in_loop"], "channels": channels,
-                  "per_block_size": {str(u): v for u, v in tables["in_loop"].items()},
-                  "source": "experiments/block_crossover.py (in-loop timing)"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cache, indent=2, sort_keys=True))
-    logging.info("wrote crossover %d for %s to %s", crossover["in_loop"], key, path)
+    write_cache_entry(channels, crossover["in_loop"], tables["in_loop"])
   summary["autotune_crossover"] = crossover_lib.crossover(channels, max_size)
   summary["autotune_cache"] = str(crossover_lib.cache_path())
   logging.info("crossover: in-loop %d, per-call %d; tau='auto' uses %d", crossover["in_loop"],
@@ -166,10 +144,10 @@ def run_crossover(work: benchmarking.Workload, max_size: int, repeats: int, stop
       if largest > max_direct_size:
         runs[str(tau)] = {"skipped": f"direct blocks up to U = {largest} > max_direct_size"}
         continue
-      key = benchmarking.key_of(**work.describe(), what="flash", length=length, tau=tau,
-                                repeats=repeats,
-                                resolved=summary["autotune_crossover"] if tau == "auto" else None)
-      entry = store.run(key, lambda t=tau: benchmarking.measure_strategy(
+      key = store_lib.key_of(**work.describe(), what="flash", length=length, tau=tau,
+                             repeats=repeats,
+                             resolved=summary["autotune_crossover"] if tau == "auto" else None)
+      entry = store.run(key, lambda t=tau: sampling_lib.measure_strategy(
           work, params, "flash", length, EngineOptions(tau=t), repeats))
       runs[str(tau)] = {"total_seconds": entry["total_seconds"],
                         "per_token_seconds": entry["per_token_seconds"],
@@ -185,17 +163,17 @@ def run_crossover(work: benchmarking.Workload, max_size: int, repeats: int, stop
   summary["taus"] = runs
   summary["length"] = length
   store.set("summary", summary)
-  json_path, csv_path, png_path = benchmarking.output_paths(store.path)
+  json_path, csv_path, png_path = plots.output_paths(store.path)
   rows = [{"timing": timing, "size": u, "direct_seconds": v["direct"], "fft_seconds": v["fft"]}
           for timing, table in tables.items() for u, v in table.items()]
-  benchmarking.write_csv(csv_path, rows)
+  store_lib.write_csv(csv_path, rows)
   plot(tables, crossover, runs, png_path, summary)
   logging.info("wrote %s, %s, %s", json_path, csv_path, png_path)
   return summary
 
 
 def plot(tables, crossover, runs, path, summary) -> None:
-  plt = benchmarking.pyplot()
+  plt = plots.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   ax = axes[0]
   for timing, style in (("in_loop", "-"), ("per_call", "--")):
@@ -227,15 +205,15 @@ def plot(tables, crossover, runs, path, summary) -> None:
   ax.set_xlabel("tau (largest direct block; fft: none)")
   ax.set_ylabel("flash generation time (s)")
   ax.set_title(f"flash, L = {summary['length']}", fontsize=9)
-  benchmarking.save_figure(fig, path)
+  plots.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
-  work = benchmarking.workload_from_flags(f, max(f.length, 2))
+  work = flags_lib.workload_from_flags(f, max(f.length, 2))
   run_crossover(work, f.max_size, f.repeats, f.stop_ratio, f.inner, f.length,
-                [benchmarking.parse_tau(t) for t in f.taus], f.max_direct_size, f.write_cache,
+                [parse_tau(t) for t in f.taus], f.max_direct_size, f.write_cache,
                 f.out)
 
 

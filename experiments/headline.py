@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from absl import app
 from absl import flags
 
-from experiments import benchmarking
+from experiments.lib import store as store_lib
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 BEGIN = "<!-- headline table: made by `python -m experiments.headline --write` -->"
@@ -28,7 +28,7 @@ HEADER = ("| workload | L | offline forward | flash | flash / offline | lazy | f
           "flash vs recompute |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
-def result_files(directory: pathlib.Path = benchmarking.RESULTS_DIR) -> list[pathlib.Path]:
+def result_files(directory: pathlib.Path = store_lib.RESULTS_DIR) -> list[pathlib.Path]:
   return sorted(directory.glob("bench_generate_*.json"))
 
 

@@ -7,15 +7,19 @@ Flash's work is uneven: after the step at position i it adds one block of size U
 (the largest power of two dividing i), so most tokens are cheap and every 2^k-th one pays a
 block of 2^k. Two measurements, no host callbacks in either:
 
-- measured: a Python loop of single compiled positions (the model's step, then the block, then
-  the next pending outputs: the body of the engine's token loop, `mixing.token_loop`), the
-  state carried between calls (donated, so not copied), each call timed to completion
-  (`block_until_ready`). This is the latency a caller that wants every token as it is made
-  would see, dispatch included. --passes passes after one warm-up pass; per position the median.
-- in_loop: the compiled token loop's total time (no dispatch), split by block size: each
-  level's blocks are timed apart (all blocks of that level in one compiled loop, at their real
-  positions), the rest is the per-position step cost s, so a position's in-loop latency is
-  s + c(lowbit(i)).
+- measured: the public API called for one position at a time from Python
+  (`lcsm_jax.decoding.Rollout.run(state, 1)` for the stack, `lcsm_jax.Decoder.score(state,
+  ids[:, t:t+1])` for the language model), the state donated from call to call
+  (`donate_state=True`, so not copied), each call timed to completion (`block_until_ready` on
+  its output). This is the latency a caller that wants every token as it is made would see,
+  dispatch and the API's own host work included. --passes passes after one warm-up pass; per
+  position the median.
+- in_loop: the compiled generation's total time (one call over every position, no dispatch),
+  split by block size: each size's blocks are timed apart (all blocks of that size in one
+  compiled loop, `lib.blocks.time_in_loop`: `lcsm_jax.decoding.blocks.apply_block` with the
+  run's own `BlockConfig` and precomputed spectra where the run has them; blocks that flash runs
+  in groups are timed whole), the rest is the per-position step cost s, so a position's in-loop
+  latency is s + c(lowbit(i)).
 
 Writes --out (JSON: summary statistics, per-class table, the largest spikes), a CSV of every
 position (position, U, measured seconds, in-loop model seconds) and a PNG (latency vs position;
@@ -24,67 +28,33 @@ latency per block size).
 
 from __future__ import annotations
 
-import functools
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
-from jax import lax
 import numpy as np
 
-from experiments import benchmarking
-from lcsm_jax import engine
-from lcsm_jax import schedule
-from lcsm_jax.engine import EngineOptions
+from experiments.lib import blocks as block_timing
+from experiments.lib import flags as flags_lib
+from experiments.lib import plots
+from experiments.lib import sampling as sampling_lib
+from experiments.lib import store as store_lib
+from experiments.lib.workloads import Workload
+from lcsm_jax.decoding import EngineOptions
+from lcsm_jax.decoding import schedule
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = dict(flag_values=flag_values)
-  benchmarking.define_model_flags(flag_values)
+  flags_lib.define_model_flags(flag_values)
   flags.DEFINE_integer("length", 1024, "Sequence length L (prompt of 1, L - 1 positions).",
                        **fv)
   flags.DEFINE_integer("passes", 2, "Timed passes of the single-position loop (after one "
                        "warm-up pass); per position the median.", **fv)
   flags.DEFINE_integer("spikes", 10, "Largest latencies listed.", **fv)
-  flags.DEFINE_string("out", str(benchmarking.RESULTS_DIR / "latency.json"), "JSON output; the "
-                      "CSV and PNG are written beside it.", **fv)
-
-
-@functools.partial(jax.jit, static_argnames=("online", "mixer", "num_steps", "vocab"))
-def _start(params, tables, prompt, *, online, mixer, num_steps, vocab):
-  """State after a prompt: (flash state, model carry, next input, pending outputs of r = 0)."""
-  outputs, prompt_inputs, carry = online.prefill(params, prompt)
-  state = mixer.init(tables, prompt_inputs, num_steps)
-  return state, carry, _next_input(outputs[:, -1], vocab), mixer.pending(tables, state, 0)
-
-
-def _next_input(output, vocab):
-  """The stack feeds its output back; the language model its greedy token."""
-  if vocab is None:
-    return output
-  return jnp.argmax(output[:, :vocab], axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("online", "mixer", "plan", "vocab"),
-                   donate_argnames=("state",))
-def _position(params, tables, constants, state, carry, x, pending, r, *, online, mixer, plan,
-              vocab):
-  """One position r: the body of `mixing.token_loop` with flash's update."""
-  carry, inputs, output = online.step(params, constants, carry, x, pending)
-  state = mixer.update(tables, state, r, inputs, plan)
-  return state, carry, _next_input(output, vocab), mixer.pending(tables, state, r + 1)
-
-
-@functools.partial(jax.jit, static_argnames=("mixer", "level", "out_len", "count"),
-                   donate_argnames=("state",))
-def _level(tables, state, *, mixer, level, out_len, count):
-  """All `count` blocks of `level` at their positions i = U, 3U, 5U, ... in one loop."""
-  size = 1 << level
-  return lax.fori_loop(0, count, lambda j, s: mixer.block(tables, s, level, size + 2 * size * j,
-                                                          out_len), state)
+  flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "latency.json")
 
 
 def lowbits(num_steps: int) -> np.ndarray:
@@ -94,69 +64,72 @@ def lowbits(num_steps: int) -> np.ndarray:
   return np.where(i < num_steps, i & -i, 0)
 
 
-def run_latency(work: benchmarking.Workload, length: int, tau, passes: int, repeats: int,
+def run_latency(work: Workload, length: int, tau, passes: int, repeats: int,
                 spikes: int, out) -> dict:
   """Measures both ways; returns the summary (also stored in `out` under its config key)."""
-  store = benchmarking.Store(out)
-  key = benchmarking.key_of(**work.describe(), length=length, tau=tau, passes=passes,
-                            repeats=repeats)
+  store = store_lib.Store(out)
+  key = store_lib.key_of(**work.describe(), length=length, tau=tau, passes=passes,
+                         repeats=repeats)
   summary = store.run(key, lambda: _measure(work, length, tau, passes, repeats, spikes,
                                             store.path))
   return summary
 
 
-def _measure(work, length, tau, passes, repeats, spikes, path) -> dict:
-  options = EngineOptions(tau=tau)
+def single_positions(work: Workload, params, length: int, options: EngineOptions,
+                     passes: int) -> np.ndarray:
+  """Seconds of every online position r = 0 .. L-2, each one call of the public API, median
+  over `passes` passes after a warm-up pass."""
   num_steps = length - 1
-  plan = schedule.FlashPlan(num_steps)
-  online = work.online()
-  mixer = work.mixer("flash", num_steps, options)
-  vocab = work.config().vocab_size if work.kind == "lm" else None
-  params = work.params()
-  tables, constants = jax.block_until_ready(
-      engine.prepare_tables(params, online=online, mixer=mixer, total=length))
-  prompt = work.inputs(length)[:, :1]
-  start = functools.partial(_start, params, tables, prompt, online=online, mixer=mixer,
-                            num_steps=num_steps, vocab=vocab)
-  position = _position.lower(params, tables, constants, *start(), jnp.int32(0), online=online,
-                             mixer=mixer, plan=plan, vocab=vocab).compile()
-
-  # measured: single compiled positions from Python
+  session = work.session(params, "flash", length, options, donate_state=True)
+  start, _, step = work.calls(session, length, 1)
   latencies = np.zeros((max(passes, 1), num_steps))
-  for p in range(max(passes, 1) + 1):  # pass 0 is the warm-up
-    state, carry, x, pending = jax.block_until_ready(start())
+  for p in range(max(passes, 1) + 1):  # pass 0 is the warm-up (and compiles)
+    state = jax.block_until_ready(start())
     began = time.perf_counter()
     for r in range(num_steps):
       t0 = time.perf_counter()
-      state, carry, x, pending = position(params, tables, constants, state, carry, x, pending,
-                                          jnp.int32(r))
-      pending.block_until_ready()
+      out, state = step(state, r + 1)
+      out.block_until_ready()
       if p:
         latencies[p - 1, r] = time.perf_counter() - t0
     logging.info("pass %d%s: %.3f s", p, " (warm-up)" if not p else "",
                  time.perf_counter() - began)
-  del state
-  measured = np.median(latencies, axis=0)
+  return np.median(latencies, axis=0)
 
-  # in_loop: the compiled loop's total, split by level
-  total = benchmarking.measure_strategy(work, params, "flash", length, options, repeats)
+
+def block_seconds(work: Workload, params, length: int, options: EngineOptions,
+                  repeats: int) -> dict[int, float]:
+  """Seconds per block of every block size of flash's plan over L - 1 online positions, in
+  one compiled loop of all the plan's blocks of that size, with the run's `BlockConfig`."""
+  num_steps = length - 1
+  plan = schedule.FlashPlan(num_steps)
+  strategy = work.session(params, "flash", length, options).engine(work.batch).strategy
+  config = strategy.block_config(num_steps)
+  spectra = set(strategy.spectrum_sizes(length))
   sizes = lowbits(num_steps)
-  level_seconds = {}
+  seconds = {}
   for level in range(plan.num_levels):
     size = 1 << level
     count = int((sizes == size).sum())
-    if not count:
-      continue
-    state = jax.block_until_ready(start()[0])
-    run = _level.lower(tables, state, mixer=mixer, level=level,
-                       out_len=plan.rows_written(level), count=count).compile()
-    state = jax.block_until_ready(run(tables, state))  # warm-up
-    times = []
-    for _ in range(max(repeats, 1)):
-      t0 = time.perf_counter()
-      state = jax.block_until_ready(run(tables, state))
-      times.append(time.perf_counter() - t0)
-    level_seconds[size] = float(np.median(times)) / count
+    if count:
+      seconds[size] = block_timing.time_in_loop(
+          config, size, work.streams, work.batch, work.width, count, repeats,
+          out_len=plan.rows_written(level), precomputed_spectra=size in spectra)["seconds"]
+  return seconds
+
+
+def _measure(work, length, tau, passes, repeats, spikes, path) -> dict:
+  options = EngineOptions(tau=tau)
+  num_steps = length - 1
+  params = work.params()
+
+  # measured: single positions through the public API
+  measured = single_positions(work, params, length, options, passes)
+
+  # in_loop: the compiled run's total, split by block size
+  total = sampling_lib.measure_strategy(work, params, "flash", length, options, repeats)
+  sizes = lowbits(num_steps)
+  level_seconds = block_seconds(work, params, length, options, repeats)
   blocks_total = sum(level_seconds[u] * int((sizes == u).sum()) for u in level_seconds)
   step_seconds = max(total["total_seconds"] - blocks_total, 0.0) / num_steps
   model = step_seconds + np.asarray([level_seconds.get(int(u), 0.0) for u in sizes])
@@ -197,8 +170,8 @@ def _measure(work, length, tau, passes, repeats, spikes, path) -> dict:
                summary["measured"]["p99"] * 1e6, summary["measured"]["max"] * 1e6,
                summary["measured"]["argmax_position"], summary["in_loop"]["mean_seconds"] * 1e6,
                step_seconds * 1e6)
-  json_path, csv_path, png_path = benchmarking.output_paths(path)
-  benchmarking.write_csv(csv_path, [
+  json_path, csv_path, png_path = plots.output_paths(path)
+  store_lib.write_csv(csv_path, [
       {"position": r + 1, "block_size": int(sizes[r]), "measured_seconds": float(measured[r]),
        "in_loop_model_seconds": float(model[r])} for r in range(num_steps)])
   plot(measured, model, sizes, per_class, png_path, summary["config"])
@@ -207,7 +180,7 @@ def _measure(work, length, tau, passes, repeats, spikes, path) -> dict:
 
 
 def plot(measured, model, sizes, per_class, path, config) -> None:
-  plt = benchmarking.pyplot()
+  plt = plots.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
   positions = np.arange(1, len(measured) + 1)
   ax = axes[0]
@@ -218,7 +191,7 @@ def plot(measured, model, sizes, per_class, path, config) -> None:
   ax.set_xlabel("position")
   ax.set_ylabel("latency (us)")
   ax.legend(fontsize=7, markerscale=4)
-  ax.set_title(benchmarking.key_of(**config), fontsize=8)
+  ax.set_title(store_lib.key_of(**config), fontsize=8)
   ax = axes[1]
   u = [int(k) for k in per_class if int(k) > 0]
   rows = [per_class[str(k)] for k in u]
@@ -231,14 +204,14 @@ def plot(measured, model, sizes, per_class, path, config) -> None:
   ax.set_ylabel("latency (us)")
   ax.legend(fontsize=7)
   ax.grid(True, which="both", alpha=0.3)
-  benchmarking.save_figure(fig, path)
+  plots.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
-  run_latency(benchmarking.workload_from_flags(f, f.length), f.length,
-              benchmarking.parse_tau(f.tau), f.passes, f.repeats, f.spikes, f.out)
+  run_latency(flags_lib.workload_from_flags(f, f.length), f.length, flags_lib.tau(f), f.passes,
+              f.repeats, f.spikes, f.out)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ r"""Peak memory of generation against L, per strategy, and the bytes of state ke
   python -m experiments.memory --lengths=1024,4096,16384,65536,262144,1048576 \
       --rss_max_length=65536
 
-For every strategy and L, without running anything (`benchmarking.Workload.estimate`, which
-compiles only, so any L can be estimated): the bytes of parameters, of the strategy's tables
-(filters, flash's spectra) and of its state (flash: inputs and pending outputs; lazy: the input
-history; eager: pending outputs; recompute: the inputs of every position), the state per token,
-and XLA's memory analysis of the table program and the token loop (argument + output + temp).
+For every strategy and L, without running anything (`lib.workloads.Workload.estimate`: the
+session's `estimate_memory` and `state_shape`, compiled from shapes only, so any L can be
+estimated): the bytes of parameters, of the strategy's tables (filters, flash's spectra) and of
+its state (flash: inputs and pending outputs; lazy: the input history; eager: pending outputs;
+recompute: the inputs of every position), the state per token, and XLA's memory analysis of
+the table, prefill and online programs (`xla_peak_bytes`: their sum with the parameters, the
+figure the library checks before a run; `xla_loop_peak_bytes`: the online program's).
 Up to --rss_max_length, and where the estimate fits in the memory available, the program is
 also run once in a fresh Python process (so that nothing else counts) to read its peak
 resident set: `rss_before_run_bytes` (after imports, parameters, tables and compilation) and
@@ -33,8 +35,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from experiments import benchmarking
-from lcsm_jax.engine import EngineOptions
+from experiments.lib import flags as flags_lib
+from experiments.lib import machine
+from experiments.lib import plots
+from experiments.lib import store as store_lib
+from experiments.lib.workloads import Workload
+from lcsm_jax.decoding import EngineOptions
 
 STRATEGIES = ("flash", "lazy", "eager", "recompute")
 COLOURS = {"flash": "C0", "lazy": "C1", "eager": "C2", "recompute": "C3"}
@@ -43,7 +49,7 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = dict(flag_values=flag_values)
-  benchmarking.define_model_flags(flag_values)
+  flags_lib.define_model_flags(flag_values)
   flags.DEFINE_list("lengths", ["256", "512", "1024"], "Lengths L.", **fv)
   flags.DEFINE_list("strategies", list(STRATEGIES), "Strategies.", **fv)
   flags.DEFINE_integer("rss_max_length", 1024, "Measure the peak RSS in a fresh process up to "
@@ -52,26 +58,25 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "runs of quadratic cost) only up to this L.", **fv)
   flags.DEFINE_float("memory_fraction", 0.85, "Fraction of available memory a measured run may "
                      "use by XLA's estimate.", **fv)
-  flags.DEFINE_string("out", str(benchmarking.RESULTS_DIR / "memory.json"), "JSON output; the "
-                      "CSV and PNG are written beside it.", **fv)
+  flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "memory.json")
 
 
 def child_peak(spec: dict) -> dict:
   """In a fresh process: builds the program of `spec` and runs it once; returns peak RSS."""
-  work = benchmarking.Workload(**spec["workload"])
+  work = Workload(**spec["workload"])
   params = work.params()
   program = work.program(params, spec["strategy"], spec["length"], spec["prompt"],
                          EngineOptions(tau=spec["tau"]))
-  before = benchmarking.max_rss_bytes()
+  before = machine.max_rss_bytes()
   import jax  # pylint: disable=g-import-not-at-top
   jax.block_until_ready(program.run())
-  return {"rss_before_run_bytes": before, "rss_peak_bytes": benchmarking.max_rss_bytes()}
+  return {"rss_before_run_bytes": before, "rss_peak_bytes": machine.max_rss_bytes()}
 
 
 RECOMPUTE_TAIL = 4
 
 
-def measure_rss(work: benchmarking.Workload, strategy: str, length: int, tau) -> dict:
+def measure_rss(work: Workload, strategy: str, length: int, tau) -> dict:
   """`child_peak` in a new Python process (the repository root on its path)."""
   prompt = max(length - RECOMPUTE_TAIL, 1) if strategy == "recompute" else 1
   spec = {"workload": {"kind": work.kind, "layers": work.layers, "width": work.width,
@@ -95,29 +100,29 @@ def measure_rss(work: benchmarking.Workload, strategy: str, length: int, tau) ->
 def run_memory(work_of, lengths, strategies, tau, rss_max_length: int,
                memory_fraction: float, out, rss_max_length_quadratic: int = 8192) -> list[dict]:
   """Estimates (and where asked, measures) every (strategy, L); returns the CSV rows."""
-  store = benchmarking.Store(out)
+  store = store_lib.Store(out)
   rows = []
   for length in lengths:
     work = work_of(length)
     for strategy in strategies:
       base = dict(work.describe(), length=length, strategy=strategy,
                   tau=tau if strategy == "flash" else None)
-      estimate = store.run(benchmarking.key_of(**base, what="estimate"), lambda s=strategy: (
+      estimate = store.run(store_lib.key_of(**base, what="estimate"), lambda s=strategy: (
           work.estimate(s, length, EngineOptions(tau=tau))))
       row = {"strategy": strategy, "length": length, "params_bytes": estimate["params_bytes"],
              "tables_bytes": estimate["tables_bytes"], "state_bytes": estimate["state_bytes"],
              "state_bytes_per_token": estimate["state_bytes_per_token"],
              "state_bytes_per_token_per_channel": estimate["state_bytes_per_token"] / (
                  work.streams * work.batch * work.width),
-             "xla_loop_peak_bytes": estimate["loop_program"].get("peak_bytes"),
+             "xla_loop_peak_bytes": estimate["online_program_bytes"],
              "xla_peak_bytes": estimate["peak_bytes"]}
       limit = rss_max_length
       if strategy in ("lazy", "eager"):
         limit = min(limit, rss_max_length_quadratic)
       if length <= limit:
-        ok, why = benchmarking.fits_in_memory(estimate, memory_fraction)
+        ok, why = machine.fits_in_memory(estimate["peak_bytes"], memory_fraction)
         if ok:
-          rss = store.run(benchmarking.key_of(**base, what="rss"),
+          rss = store.run(store_lib.key_of(**base, what="rss"),
                           lambda s=strategy: measure_rss(work, s, length, tau))
           row.update(rss)
         else:
@@ -129,15 +134,15 @@ def run_memory(work_of, lengths, strategies, tau, rss_max_length: int,
                    f", RSS peak {row['rss_peak_bytes'] / 2**20:.0f} MiB"
                    if "rss_peak_bytes" in row else "")
   store.set("rows", rows)
-  json_path, csv_path, png_path = benchmarking.output_paths(store.path)
-  benchmarking.write_csv(csv_path, rows)
-  plot(rows, png_path, benchmarking.key_of(**work_of(min(lengths)).describe()))
+  json_path, csv_path, png_path = plots.output_paths(store.path)
+  store_lib.write_csv(csv_path, rows)
+  plot(rows, png_path, store_lib.key_of(**work_of(min(lengths)).describe()))
   logging.info("wrote %s, %s, %s", json_path, csv_path, png_path)
   return rows
 
 
 def plot(rows, path, title: str) -> None:
-  plt = benchmarking.pyplot()
+  plt = plots.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for strategy in dict.fromkeys(r["strategy"] for r in rows):
     mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["length"])
@@ -151,17 +156,17 @@ def plot(rows, path, title: str) -> None:
     axes[1].plot(n, [r["state_bytes_per_token"] for r in mine], "-o", ms=3, color=colour,
                  label=strategy)
   for ax, name in zip(axes, ("peak bytes", "state bytes per token")):
-    benchmarking.log_length_axes(ax, name)
+    plots.log_length_axes(ax, name)
     ax.legend(fontsize=7)
   fig.suptitle(f"generation memory vs L  {title}", fontsize=9)
-  benchmarking.save_figure(fig, path)
+  plots.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
-  run_memory(lambda n: benchmarking.workload_from_flags(f, n), [int(n) for n in f.lengths],
-             f.strategies, benchmarking.parse_tau(f.tau), f.rss_max_length, f.memory_fraction,
+  run_memory(lambda n: flags_lib.workload_from_flags(f, n), [int(n) for n in f.lengths],
+             f.strategies, flags_lib.tau(f), f.rss_max_length, f.memory_fraction,
              f.out, f.rss_max_length_quadratic)
 
 

@@ -43,12 +43,12 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from experiments.lib.blocks import crossover  # the crossover rule, shared with block_crossover
 from lcsm_jax.tuning import machine
 from lcsm_jax.tuning import timing
 import pallas_kernels
 
 METHODS = ("pallas", "pallas_mxu", "direct", "fft")
-
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -92,19 +92,6 @@ def time_compiled(fn: Callable, args: Sequence[jax.Array], warmup: int,
   out.block_until_ready()
   seconds, _ = timing.median_seconds(lambda: compiled(*args), repeats, warmup)
   return seconds, compile_s, out
-
-
-def crossover(per_size: dict[int, dict[str, float | None]], method: str) -> int:
-  """Largest U with `method` measured and <= fft at every measured U' <= U (0 if none)."""
-  best = 0
-  for size in sorted(per_size):
-    t, fft = per_size[size].get(method), per_size[size].get("fft")
-    if fft is None:
-      continue
-    if t is None or t > fft:
-      break
-    best = size
-  return best
 
 
 def _skip_reason(method: str, size: int, streams: int, channels: int, max_direct_bytes: int,

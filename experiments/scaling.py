@@ -7,7 +7,7 @@ r"""Generation time and time per token against the sequence length L, every stra
       --replot --long_run=experiments/results/long_run.json   # redraw, adding the long run
 
 Every strategy runs at --lengths (lazy, recompute sampled and eager extrapolated where slow:
-`benchmarking.Sampling`); flash alone also at --flash_lengths. A length whose XLA memory
+`lib.sampling.Sampling`); flash alone also at --flash_lengths. A length whose XLA memory
 estimate does not fit in the memory available (checked from --check_memory_above) is skipped
 and reported. One offline parallel forward is timed at every length as the reference.
 
@@ -30,8 +30,12 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from experiments import benchmarking
-from lcsm_jax.engine import EngineOptions
+from experiments.lib import flags as flags_lib
+from experiments.lib import machine
+from experiments.lib import plots
+from experiments.lib import sampling as sampling_lib
+from experiments.lib import store as store_lib
+from lcsm_jax.decoding import EngineOptions
 
 STRATEGIES = ("flash", "lazy", "eager", "recompute")
 COLOURS = {"flash": "C0", "lazy": "C1", "eager": "C2", "recompute": "C3", "forward": "k"}
@@ -40,8 +44,8 @@ LONG_RUN = "flash, long run"
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = dict(flag_values=flag_values)
-  benchmarking.define_model_flags(flag_values)
-  benchmarking.define_sampling_flags(flag_values)
+  flags_lib.define_model_flags(flag_values)
+  flags_lib.define_sampling_flags(flag_values)
   flags.DEFINE_list("lengths", ["256", "512", "1024"], "Lengths L for every strategy.", **fv)
   flags.DEFINE_list("flash_lengths", [], "Further lengths for flash only.", **fv)
   flags.DEFINE_list("strategies", list(STRATEGIES), "Strategies.", **fv)
@@ -51,8 +55,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "compiled only, and skipped if XLA's memory estimate does not fit.", **fv)
   flags.DEFINE_float("memory_fraction", 0.85, "Fraction of available memory a point may use.",
                      **fv)
-  flags.DEFINE_string("out", str(benchmarking.RESULTS_DIR / "scaling.json"), "JSON output; "
-                      "the CSV and PNG are written beside it.", **fv)
+  flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "scaling.json")
   flags.DEFINE_string("long_run", "", "A long_run.py JSON whose flash run is drawn too (if it "
                       "ran this model).", **fv)
   flags.DEFINE_bool("replot", False, "Measure nothing: redraw the PNG from the CSV and JSON "
@@ -98,25 +101,25 @@ def read_rows(csv_path) -> list[dict]:
 
 def replot(out, model: dict, long_run: str = "") -> list[dict]:
   """Redraws the PNG beside `out` from its CSV and fits (and a long run); returns the rows."""
-  json_path, csv_path, png_path = benchmarking.output_paths(out)
+  json_path, csv_path, png_path = plots.output_paths(out)
   rows = [r for r in read_rows(csv_path) if r["strategy"] != LONG_RUN]
   fits = json.loads(json_path.read_text()).get("fits", {})
   if long_run:
     rows += long_run_rows(long_run, model)
-  plot(rows, fits, png_path, title=benchmarking.key_of(**model))
+  plot(rows, fits, png_path, title=store_lib.key_of(**model))
   logging.info("redrew %s from %s (%d rows)", png_path, csv_path, len(rows))
   return rows
 
 
 def run_scaling(work_of, lengths, flash_lengths, strategies, tau, repeats: int,
-                sampling: benchmarking.Sampling, fit_range=(4096, 65536),
+                sampling: sampling_lib.Sampling, fit_range=(4096, 65536),
                 check_memory_above: int = 131072, memory_fraction: float = 0.85,
                 out=None, long_run: str = "") -> dict:
   """Measures every (strategy, L); returns {"rows": [...], "fits": {...}, "skipped": [...]}.
 
-  work_of: L -> `benchmarking.Workload` of that length (max_length >= L).
+  work_of: L -> `lib.workloads.Workload` of that length (max_length >= L).
   """
-  store = benchmarking.Store(out)
+  store = store_lib.Store(out)
   options = EngineOptions(tau=tau)
   plan = [(s, n) for n in lengths for s in strategies]
   plan += [("flash", n) for n in flash_lengths if "flash" in strategies and n not in lengths]
@@ -126,10 +129,10 @@ def run_scaling(work_of, lengths, flash_lengths, strategies, tau, repeats: int,
     base = dict(work.describe(), length=length, repeats=repeats)
     todo = [s for s, n in plan if n == length]
     if length >= check_memory_above:
-      estimate = store.run(benchmarking.key_of(**base, what="estimate", strategy="flash",
-                                               tau=tau),
+      estimate = store.run(store_lib.key_of(**base, what="estimate", strategy="flash",
+                                            tau=tau),
                            lambda: work.estimate("flash", length, options))
-      ok, why = benchmarking.fits_in_memory(estimate, memory_fraction)
+      ok, why = machine.fits_in_memory(estimate["peak_bytes"], memory_fraction)
       if not ok:
         logging.warning("L=%d skipped: %s", length, why)
         skipped.append({"length": length, "reason": why})
@@ -143,19 +146,18 @@ def run_scaling(work_of, lengths, flash_lengths, strategies, tau, repeats: int,
       return params
 
     def forward():
-      program = work.forward(get_params(), length)
-      seconds, _ = benchmarking.median_seconds(program.run, repeats)
-      return {"total_seconds": seconds, "compile_seconds": program.compile_seconds,
-              "xla_memory": program.memory, "method": "full", "sampled": False}
+      entry = sampling_lib.offline_forward(work, get_params(), length, repeats)
+      return {"total_seconds": entry.pop("seconds"), **entry, "method": "full",
+              "sampled": False}
 
-    entry = store.run(benchmarking.key_of(**base, what="offline_forward"), forward)
+    entry = store.run(store_lib.key_of(**base, what="offline_forward"), forward)
     rows.append(_row("forward", length, entry))
     for strategy in todo:
       key = dict(base, what="generate", strategy=strategy,
                  tau=tau if strategy == "flash" else None,
-                 **benchmarking.sampling_key(sampling, strategy, length))
-      entry = store.run(benchmarking.key_of(**key), lambda s=strategy: (
-          benchmarking.measure_strategy(work, get_params(), s, length, options, repeats,
+                 **sampling.key(strategy, length))
+      entry = store.run(store_lib.key_of(**key), lambda s=strategy: (
+          sampling_lib.measure_strategy(work, get_params(), s, length, options, repeats,
                                         sampling)))
       rows.append(_row(strategy, length, entry))
   fits = {}
@@ -168,12 +170,12 @@ def run_scaling(work_of, lengths, flash_lengths, strategies, tau, repeats: int,
                    fit["lengths"])
   store.set("fits", fits)
   store.set("skipped", skipped)
-  json_path, csv_path, png_path = benchmarking.output_paths(store.path)
+  json_path, csv_path, png_path = plots.output_paths(store.path)
   model = work_of(min(lengths or flash_lengths)).describe()
   if long_run:
     rows += long_run_rows(long_run, model)
-  benchmarking.write_csv(csv_path, rows)
-  plot(rows, fits, png_path, title=benchmarking.key_of(**model))
+  store_lib.write_csv(csv_path, rows)
+  plot(rows, fits, png_path, title=store_lib.key_of(**model))
   logging.info("wrote %s, %s, %s", json_path, csv_path, png_path)
   return {"rows": rows, "fits": fits, "skipped": skipped}
 
@@ -186,7 +188,7 @@ def _row(strategy: str, length: int, entry: dict) -> dict:
 
 
 def plot(rows, fits, path, title: str = "") -> None:
-  plt = benchmarking.pyplot()
+  plt = plots.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for strategy in dict.fromkeys(r["strategy"] for r in rows):
     mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["length"])
@@ -207,11 +209,11 @@ def plot(rows, fits, path, title: str = "") -> None:
       if part:
         ax.plot(*zip(*part), "o", mfc="none", color=COLOURS.get(strategy))
   for ax, name in zip(axes, ("time per token (s)", "total time (s)")):
-    benchmarking.log_length_axes(ax, name)
+    plots.log_length_axes(ax, name)
   if rows:
     axes[1].legend(fontsize=8)
   fig.suptitle(f"generation time vs L  {title}\n(hollow: sampled or extrapolated)", fontsize=9)
-  benchmarking.save_figure(fig, path)
+  plots.save_figure(fig, path)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
@@ -219,13 +221,13 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   lengths = [int(n) for n in f.lengths]
   flash_lengths = [int(n) for n in f.flash_lengths]
-  work_of = lambda n: benchmarking.workload_from_flags(f, n)
+  work_of = lambda n: flags_lib.workload_from_flags(f, n)
   if f.replot:
     replot(f.out, work_of(min(lengths or flash_lengths)).describe(), f.long_run)
     return
   run_scaling(work_of, lengths, flash_lengths,
-              f.strategies, benchmarking.parse_tau(f.tau), f.repeats,
-              benchmarking.sampling_from_flags(f), tuple(int(n) for n in f.fit_range),
+              f.strategies, flags_lib.tau(f), f.repeats,
+              flags_lib.sampling_from_flags(f), tuple(int(n) for n in f.fit_range),
               f.check_memory_above, f.memory_fraction, f.out, f.long_run)
 
 

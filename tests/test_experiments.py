@@ -20,13 +20,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from experiments import ablations  # pylint: disable=g-import-not-at-top
 from experiments import bench_generate
-from experiments import benchmarking
 from experiments import block_crossover
 from experiments import headline
 from experiments import latency
 from experiments import long_run
 from experiments import memory
 from experiments import scaling
+from experiments.lib import blocks as block_timing
+from experiments.lib import flags as flags_lib
+from experiments.lib import machine as machine_lib
+from experiments.lib import sampling as sampling_lib
+from experiments.lib import store as store_lib
+from experiments.lib import workloads
 from lcsm_jax.tuning import machine
 
 TINY = ["--layers=2", "--width=4", "--tau=2", "--repeats=1"]
@@ -87,8 +92,8 @@ def test_bench_generate_stack_every_method(tmp_path, monkeypatch):
   # A re-run measures nothing: every point is in the JSON already.
   def fail(*args, **kwargs):
     raise AssertionError("measured again")
-  monkeypatch.setattr(benchmarking, "measure_strategy", fail)
-  monkeypatch.setattr(benchmarking, "read_bandwidth", fail)
+  monkeypatch.setattr(sampling_lib, "measure_strategy", fail)
+  monkeypatch.setattr(machine_lib, "read_bandwidth", fail)
   again = _run(bench_generate, out, *argv)
   assert again["points"] == data["points"]
 
@@ -235,8 +240,7 @@ def test_memory(tmp_path):
   # channel): 4 bytes per position
   assert flash[64]["state_bytes_per_token_per_channel"] == pytest.approx(4, rel=0.1)
   # one real run in a fresh process, for its peak resident set
-  rss = memory.measure_rss(benchmarking.Workload("stack", 2, 4, max_length=32), "recompute", 32,
-                           2)
+  rss = memory.measure_rss(workloads.Workload("stack", 2, 4, max_length=32), "recompute", 32, 2)
   assert rss["rss_peak_bytes"] >= rss["rss_before_run_bytes"] > 10 * 2**20
   assert rss["rss_run"] == "positions [28, 32) after a prompt of 28"
 
@@ -285,32 +289,41 @@ def test_long_run_reports_what_does_not_fit(tmp_path):
       ("stack", 64, True), ("stack", 32, True), ("stack", 16, True)]
 
 
-def test_benchmarking_helpers(tmp_path):
-  assert benchmarking.lazy_bytes(4, streams=2, batch=1, width=3) == (1 + 2 + 3) * 2 * 3 * 4 * 2
-  assert benchmarking.recompute_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
-  assert benchmarking.powers_of_two(3, 40) == [4, 8, 16, 32]
-  assert benchmarking.parse_tau("16") == 16 and benchmarking.parse_tau("auto") == "auto"
-  assert block_crossover.crossover_of({1: {"direct": 1, "fft": 2}, 2: {"direct": 3, "fft": 2},
-                                       4: {"direct": 1, "fft": 2}}) == 1
+def test_lib_helpers(tmp_path):
+  assert workloads.lazy_bytes(4, streams=2, batch=1, width=3) == (1 + 2 + 3) * 2 * 3 * 4 * 2
+  assert block_timing.powers_of_two(3, 40) == [4, 8, 16, 32]
+  fv = flags.FlagValues()
+  flags_lib.define_tau_flag(fv)
+  fv(["runner", "--tau=16"])
+  assert flags_lib.tau(fv) == 16
+  fv(["runner", "--tau=auto"])
+  assert flags_lib.tau(fv) == "auto"
+  with pytest.raises(flags.IllegalFlagValueError, match="tau must be"):
+    fv(["runner", "--tau=-3"])
+  assert block_timing.crossover({1: {"direct": 1, "fft": 2}, 2: {"direct": 3, "fft": 2},
+                                 4: {"direct": 1, "fft": 2}}) == 1
+  assert block_crossover.max_direct_block("auto", 40, crossover=4) == 4
+  assert block_crossover.max_direct_block("direct", 40, crossover=4) == 32
+  assert block_crossover.max_direct_block("fft", 40, crossover=4) == 0
   assert latency.lowbits(8).tolist() == [1, 2, 1, 4, 1, 2, 1, 0]
-  store = benchmarking.Store(tmp_path / "s.json")
+  store = store_lib.Store(tmp_path / "s.json")
   calls = []
   assert store.run("k", lambda: calls.append(1) or {"x": 1.0}) == {"x": 1.0}
-  assert benchmarking.Store(tmp_path / "s.json").run("k", lambda: calls.append(2)) == {"x": 1.0}
+  assert store_lib.Store(tmp_path / "s.json").run("k", lambda: calls.append(2)) == {"x": 1.0}
   assert calls == [1]
   # a store from another machine is set aside, not mixed with new points
   data = json.loads((tmp_path / "s.json").read_text())
   data["machine"]["cpus"] = -1
   (tmp_path / "s.json").write_text(json.dumps(data))
-  assert benchmarking.Store(tmp_path / "s.json").get("k") is None
+  assert store_lib.Store(tmp_path / "s.json").get("k") is None
   assert len(list(tmp_path.glob("s.json.*.other-machine"))) == 1
   # ... and so is one from another CPU model with the same architecture and core count
-  benchmarking.Store(tmp_path / "s.json").run("k", lambda: {"x": 2.0})
+  store_lib.Store(tmp_path / "s.json").run("k", lambda: {"x": 2.0})
   data = json.loads((tmp_path / "s.json").read_text())
   assert data["machine"]["cpu_model"] == machine.cpu_model() != ""
   data["machine"]["cpu_model"] = "another CPU"
   (tmp_path / "s.json").write_text(json.dumps(data))
-  assert benchmarking.Store(tmp_path / "s.json").get("k") is None
+  assert store_lib.Store(tmp_path / "s.json").get("k") is None
   assert len(list(tmp_path.glob("s.json.*.other-machine"))) == 2
 
 
@@ -318,3 +331,28 @@ def csv_rows(path):
   import csv  # pylint: disable=g-import-not-at-top
   with open(path, newline="") as f:
     yield from csv.DictReader(f)
+
+
+OLD_ENGINE = {"engine", "generation", "online", "synthetic", "mixing", "blocks", "schedule",
+              "sampling", "memory"}
+
+
+def test_experiments_use_public_names_only():
+  """No runner imports the old engine's modules or a private name of the package."""
+  import ast  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+  problems = []
+  for path in sorted(root.rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lcsm_jax"):
+        names = [node.module + "." + a.name for a in node.names]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      else:
+        continue
+      for name in names:
+        parts = name.split(".")
+        if parts[0] == "lcsm_jax" and (
+            (len(parts) > 1 and parts[1] in OLD_ENGINE) or any(p.startswith("_") for p in parts)):
+          problems.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+  assert not problems
