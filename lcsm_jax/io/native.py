@@ -26,6 +26,7 @@ from flax import traverse_util
 
 from lcsm_jax import validation
 from lcsm_jax.errors import CheckpointError
+from lcsm_jax.io import distilled as distilled_io
 from lcsm_jax.io import hyenadna
 from lcsm_jax.models.hyena import params as params_lib
 from lcsm_jax.models.hyena.config import HyenaConfig
@@ -96,7 +97,8 @@ def _foreign_files(path: pathlib.Path) -> list[str]:
 
 
 def save_params(path: PathLike, config: HyenaConfig, params: Params,
-                metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> None:
+                metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
+                distilled: Any = None) -> None:
   """Writes `config.json` and `params.safetensors` into directory `path` (created if needed).
 
   The parameters are checked against `config` first (`check_params`) and must be finite
@@ -113,8 +115,14 @@ def save_params(path: PathLike, config: HyenaConfig, params: Params,
   without params.safetensors: a HyenaDNA checkpoint) is refused unless `overwrite=True`, since
   its config.json would be replaced (its weight files are left, and would no longer match it).
 
+  With `distilled` (from `lcsm_jax.distill`), its filters are saved too, as the distilled
+  section `distilled.safetensors` (`io.distilled`), bound to these weights and this config by
+  their SHA-256; without it, a distilled section left by an earlier save is removed (it would
+  describe other weights). `load_distilled` reads it back.
+
   Raises:
-    CheckpointError: parameters that do not fit `config`, or hold NaN or inf.
+    CheckpointError: parameters that do not fit `config`, or hold NaN or inf; distilled
+      filters of another shape than the model's streams and channels.
     TypeError: metadata that does not map str to str; a non-bool `overwrite`.
     ValueError: a reserved metadata key.
     FileExistsError: `path` holds a checkpoint not written by save_params (and not
@@ -125,6 +133,8 @@ def save_params(path: PathLike, config: HyenaConfig, params: Params,
     raise TypeError(f"overwrite must be True or False, got {overwrite!r}.")
   params_lib.check_params(config, params)
   validation.check_finite(params, name="the parameters to save")
+  if distilled is not None:
+    _check_distilled(config, distilled)
   metadata = dict(metadata or {})
   bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
   if bad:
@@ -156,10 +166,58 @@ def save_params(path: PathLike, config: HyenaConfig, params: Params,
       # safetensors creates its file with mode 0600; give it the mode an ordinary new file
       # gets (0666 less the umask, as config.json just got), so others can read the checkpoint.
       os.chmod(weights_tmp, stat.S_IMODE(os.stat(config_tmp).st_mode))
+      distilled_tmp = os.path.join(tmp, distilled_io.DISTILLED_FILE)
+      if distilled is not None:
+        distilled_io.write(pathlib.Path(distilled_tmp), distilled,
+                           config_sha256=metadata[CONFIG_SHA256],
+                           params_sha256=distilled_io.file_sha256(pathlib.Path(weights_tmp)))
+        os.chmod(distilled_tmp, stat.S_IMODE(os.stat(config_tmp).st_mode))
       # Weights first: a directory with a config.json but no params.safetensors is never one
       # of ours (see _foreign_files).
       os.replace(weights_tmp, path / OWN_WEIGHTS)
       os.replace(config_tmp, path / "config.json")
+      if distilled is not None:
+        os.replace(distilled_tmp, path / distilled_io.DISTILLED_FILE)
+      else:
+        (path / distilled_io.DISTILLED_FILE).unlink(missing_ok=True)
+
+
+def _check_distilled(config: HyenaConfig, distilled: Any) -> None:
+  filters = getattr(distilled, "filters", None)
+  if filters is None or getattr(distilled, "skip", None) is None:
+    raise TypeError(f"distilled must be the result of lcsm_jax.distill, got "
+                    f"{type(distilled).__name__}.")
+  want = (config.num_streams, config.d_model)
+  if tuple(filters.poles.shape[:2]) != want or tuple(filters.h0.shape) != want:
+    raise CheckpointError(f"the distilled filters have poles {tuple(filters.poles.shape)} and h0 "
+                          f"{tuple(filters.h0.shape)}; this config needs (S, D) = {want} "
+                          "(distilled from another model?).")
+
+
+def has_distilled(path: PathLike) -> bool:
+  """Whether `path` holds a distilled section."""
+  return (pathlib.Path(path) / distilled_io.DISTILLED_FILE).is_file()
+
+
+def load_distilled(path: PathLike):
+  """The distilled filters saved with the checkpoint in `path` (`save_params(...,
+  distilled=...)`), as a `lcsm_jax.distill.Distilled`, or None when it has none.
+
+  Raises:
+    CheckpointError: a distilled section that does not fit the config (named), or that was
+      fitted from other weights or another config.json (their SHA-256 differ).
+  """
+  path = pathlib.Path(path)
+  if not has_distilled(path):
+    return None
+  with _directory_lock(path, exclusive=False):
+    config_bytes = hyenadna.read_config_bytes(path / "config.json")
+    config = hyenadna.parse_config(path / "config.json", config_bytes)
+    if not (path / OWN_WEIGHTS).is_file():
+      raise CheckpointError(f"{path} has a distilled section but no {OWN_WEIGHTS}.")
+    return distilled_io.read(path, num_streams=config.num_streams, width=config.d_model,
+                             config_sha256=hashlib.sha256(config_bytes).hexdigest(),
+                             params_sha256=distilled_io.file_sha256(path / OWN_WEIGHTS))
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
