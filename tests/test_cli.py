@@ -1,7 +1,9 @@
-"""`lcsm-generate` (lcsm_jax/cli.py): streamed exact text, lazy comparison, HyenaDNA checkpoints,
-clean errors, the console-script entry."""
+"""`lcsm-generate` (lcsm_jax/cli/generate.py): streamed exact text from one continued decoder state,
+lazy comparison, HyenaDNA checkpoints, clean errors, the console-script entry."""
 
+import collections
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -11,13 +13,15 @@ import numpy as np
 import pytest
 
 import lcsm_jax
-from lcsm_jax import cli
 from lcsm_jax import text
+from lcsm_jax.cli import generate as cli
+from lcsm_jax.decoding import memory
+from lcsm_jax.decoding import session
 from lcsm_jax.io import pretrained
 
 ROOT = pathlib.Path(__file__).parent.parent
 # HyenaDNA's CharacterTokenizer (hyena-dna, hg38_char_tokenizer.py): 7 special tokens, then
-# the characters A, C, G, T, N from id 7. Written out here independently of cli.py.
+# the characters A, C, G, T, N from id 7. Written out here independently of the CLI.
 HYENADNA_IDS = {"A": 7, "C": 8, "G": 9, "T": 10, "N": 11}
 
 
@@ -52,6 +56,59 @@ def test_chunked_stream_equals_one_generate_call(capsys, fixture_dir):
   assert len(set(expected.tolist())) > 2  # really sampled, not a constant run
 
 
+def test_every_chunking_prints_the_text_of_one_call(capsys, byte_lm):
+  """Chunks of 1, 7 (not dividing 24), 8 and 24 tokens continue one decoder state: the text of
+  --chunk_tokens 0 and of `lcsm_jax.generate` with the same seed (sampled, top-k and top-p)."""
+  config, params, _ = byte_lm
+  expected = np.asarray(lcsm_jax.generate(
+      params, config, text.encode("for ")[None], 24, jax.random.key(11), temperature=1.2,
+      top_k=50, top_p=0.95).tokens[0])
+  assert len(set(expected.tolist())) > 5  # really sampled, not a constant run
+  argv = ["--prompt", "for ", "--num_tokens", "24", "--seed", "11", "--temperature", "1.2",
+          "--top_k", "50", "--top_p", "0.95", "--no_memory_check"]
+  for chunk, calls in [("0", "1 call"), ("1", "24 calls"), ("7", "4 calls"), ("8", "3 calls"),
+                       ("24", "1 call")]:
+    code, out, err = _run(capsys, *argv, "--chunk_tokens", chunk)
+    assert code == 0, err
+    assert out == "for " + text.decode(expected) + "\n", f"--chunk_tokens {chunk}"
+    assert "flash: 24 tokens in" in err and f"tokens/s ({calls}; compile" in err, err
+
+
+def test_a_run_computes_the_tables_once_and_compiles_once_per_chunk_size(capsys, monkeypatch):
+  """12 tokens in chunks of 5, 5 and 2: one table computation, one prefill, three generate
+  calls continuing its state, two generation programs (5 tokens, 2 tokens). Counted by
+  wrapping every compiled program the decoder runs."""
+  executed = collections.Counter()
+  compile_program = session.compile_program
+
+  class Counted:
+    def __init__(self, key, compiled):
+      self.key, self.compiled = key, compiled
+
+    def __call__(self, *args):
+      executed[self.key] += 1
+      return self.compiled(*args)
+
+    def __getattr__(self, name):  # memory_analysis, ...
+      return getattr(self.compiled, name)
+
+  def counting(program, static, sig):
+    return Counted((program.__name__, static), compile_program(program, static, sig))
+
+  monkeypatch.setattr(session, "compile_program", counting)
+  code, out, err = _run(capsys, "--prompt", "while ", "--num_tokens", "12", "--chunk_tokens", "5")
+  assert code == 0, err
+  assert out.startswith("while ") and "(3 calls; compile" in err
+  runs = collections.Counter()
+  sizes = collections.Counter()
+  for (name, static), count in executed.items():
+    runs[name] += count
+    if name == "_generate":
+      sizes[dict(static)["num_tokens"]] += count
+  assert runs == {"_prepare": 1, "_prefill": 1, "_generate": 3}
+  assert sizes == {5: 2, 2: 1}
+
+
 def test_compare_lazy_reports_identical_text_and_speedup(capsys, byte_lm):
   config, params, _ = byte_lm
   argv = ["--prompt", "import ", "--num_tokens", "16", "--chunk_tokens", "0", "--temperature",
@@ -68,8 +125,9 @@ def test_compare_lazy_reports_identical_text_and_speedup(capsys, byte_lm):
   lines = {line.split(":")[0]: line for line in err.splitlines()}
   for strategy in ("flash", "lazy"):
     assert "16 tokens in" in lines[strategy] and "tokens/s (1 call; compile" in lines[strategy]
-  # The second run reused the compiled flash program: no compile time counted for it.
-  assert "compile 0.0 s" in lines["flash"]
+  # The second run reused the compiled flash programs: its compile time is the memory check's
+  # tracing of shapes only (0.1-0.2 s; a compilation of the generation program takes >= 1 s).
+  assert float(re.search(r"compile (\S+) s", lines["flash"]).group(1)) <= 0.5, lines["flash"]
 
 
 def test_tokenizers():
@@ -99,7 +157,9 @@ def test_tokenizers():
     (["--num_tokens", "0"], "error: argument --num_tokens: must be >= 1, got 0"),
     (["--temperature", "nan"], "error: argument --temperature: expected a finite number"),
     (["--strategy", "fast"], "error: argument --strategy: invalid choice: 'fast'"),
-    (["--tau", "big"], "error: argument --tau: expected one of auto, direct, fft, pallas"),
+    (["--tau", "big"], "error: argument --tau: tau must be one of auto, direct, fft, pallas or "
+     "an integer block size >= 0, got 'big'."),
+    (["--tau", "-1"], "error: argument --tau: tau must be one of"),
     (["--seed", "1.5"], "error: argument --seed: expected an integer, got '1.5'"),
 ])
 def test_errors_are_clean_messages(capsys, argv, message):
@@ -160,7 +220,7 @@ def test_help(capsys):
 
 def test_console_script_is_registered():
   project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]
-  assert project["scripts"]["lcsm-generate"] == "lcsm_jax.cli:main"
+  assert project["scripts"]["lcsm-generate"] == "lcsm_jax.cli.generate:main"
 
 
 def test_subprocess_end_to_end():
@@ -175,7 +235,6 @@ def test_subprocess_end_to_end():
 
 
 def test_a_run_that_does_not_fit_is_refused_before_any_text(capsys, monkeypatch):
-  from lcsm_jax import memory
   monkeypatch.setattr(memory, "available_bytes", lambda device=None: (50_000, "a test limit"))
   argv = ["--prompt", "ab", "--num_tokens", "4", "--chunk_tokens", "0", "--temperature", "0"]
   code, out, err = _run(capsys, *argv)

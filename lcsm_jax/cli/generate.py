@@ -4,12 +4,12 @@
   lcsm-generate --num_tokens 1000 --compare_lazy
   lcsm-generate --checkpoint path/to/hyenadna --prompt ACGTACGT --num_tokens 500
 
-The text goes to stdout as it is generated; timings, progress and errors go to stderr. The
-sequence is generated in chunks of `--chunk_tokens` tokens, one jitted `generate` call per
-chunk whose prompt is everything so far (the prompt is prefilled by one parallel forward, so
-this costs little), with the Gumbel noise of every step taken from `fold_in(key, step)` as one
-`generate` call would: the chunked text is exactly the text of a single call with the same
-seed. Each chunk shape compiles once; compile time is reported apart from generation time.
+The text goes to stdout as it is generated; timings, progress and errors go to stderr. One
+`lcsm_jax.Decoder` prefills the prompt, then continues its state by `--chunk_tokens` tokens per
+`generate` call, printing each chunk as the call returns. A token's sampling noise comes from
+its absolute step, so the chunked text is exactly the text of a single call with the same
+seed. The filter tables are computed once per run; the full chunks share one compiled program,
+a shorter last chunk compiles its own. Compile time is reported apart from generation time.
 """
 
 from __future__ import annotations
@@ -17,36 +17,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import math
-import os
-import signal
-import sys
-import threading
 import time
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lcsm_jax import engine
-from lcsm_jax import generation
-from lcsm_jax import sampling
-from lcsm_jax.io.detect import load_checkpoint
+import lcsm_jax
+from lcsm_jax.cli import common
+from lcsm_jax.decoding import EXACT_STRATEGIES
+from lcsm_jax.decoding.options import parse_tau
+from lcsm_jax.io import load_checkpoint
 from lcsm_jax.models.hyena.config import HyenaConfig
 from lcsm_jax.text import Tokenizer, tokenizer_for
 from lcsm_jax.tuning.timing import CompileTimer
 
 PROG = "lcsm-generate"
 DEFAULT_CHUNK_TOKENS = 256
-TAU_NAMES = ("auto", "direct", "fft", "pallas")
-# The seeds jax.random.key(seed) accepts as a Python int (it converts to a C long and raises
-# OverflowError outside this range; checked by the tests).
-SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
-# Exit codes (see `main`).
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+EXIT_MISMATCH = 1  # --compare_lazy found different text
 
 
 # -- Chunked, exact generation with timing. --------------------------------------------------------
@@ -54,7 +43,8 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 @dataclasses.dataclass
 class GenerationStats:
   """Totals of one chunked generation: tokens, `generate` calls, and seconds spent compiling
-  (JAX's recorded tracing, lowering and compilation) and generating (the rest)."""
+  (JAX's recorded tracing, lowering and compilation, the memory check's included) and
+  generating (the rest of the prefill and the `generate` calls, filter tables included)."""
 
   strategy: str
   tokens: int = 0
@@ -72,25 +62,19 @@ class GenerationStats:
             f"{self.tokens_per_s:.0f} tokens/s ({calls}; compile {self.compile_s:.1f} s, "
             "not counted)")
 
-
-@functools.partial(jax.jit, static_argnames=("num", "vocab_size"))
-def _step_noise(key: jax.Array, start: jax.Array, *, num: int, vocab_size: int) -> jax.Array:
-  """Gumbel noise (1, num, vocab_size) of generation steps start .. start + num - 1, exactly as
-  `generate` draws it for those steps from `key`."""
-  steps = start + jnp.arange(num)
-  noise = jax.vmap(lambda s: sampling.step_noise(sampling.row_keys(key, 1), s, vocab_size))(steps)
-  return jnp.swapaxes(noise, 0, 1)
-
-
-def _warm_autotune(config: HyenaConfig, strategy: str, tau: str | int) -> None:
-  """Resolves tau='auto' (measuring the direct/FFT crossover if this machine has no cached
-  one) before anything is timed. Channels as the engine counts them for a batch of one."""
-  if strategy == "flash" and tau == "auto":
-    from lcsm_jax.tuning import crossover as crossover_lib
-    crossover_lib.crossover(config.num_streams * config.d_model)
+  @contextlib.contextmanager
+  def timing(self) -> Iterator[None]:
+    """Adds the time spent inside to `compile_s` (JAX's compile events) and `run_s` (the
+    rest)."""
+    with CompileTimer() as timer:
+      began = time.perf_counter()
+      yield
+      elapsed = time.perf_counter() - began
+    self.compile_s += timer.seconds
+    self.run_s += max(elapsed - timer.seconds, 0.0)
 
 
-def check_request(config: HyenaConfig, prompt_ids: np.ndarray, num_tokens: int,
+def check_lengths(config: HyenaConfig, prompt_ids: np.ndarray, num_tokens: int,
                   chunk_tokens: int) -> None:
   """Raises ValueError unless a prompt of ids (P,) and `num_tokens` fit the model."""
   if np.size(prompt_ids) == 0:
@@ -115,95 +99,47 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
                     stats: GenerationStats | None = None) -> Iterator[np.ndarray]:
   """Yields the `num_tokens` tokens after `prompt_ids` (P,) in chunks of ids (<= chunk_tokens,).
 
-  Every chunk is one `generation.generate` call whose prompt is the prompt plus all tokens so
-  far and whose noise is that of the same steps of one call with `jax.random.key(seed)`, so
-  the concatenated chunks equal `generate(..., num_tokens, jax.random.key(seed)).tokens[0]`.
-  chunk_tokens 0 means one call. `stats` (if given) accumulates tokens, calls and timings.
+  One `lcsm_jax.Decoder` sized for P + num_tokens - 1 positions prefills the prompt; every
+  chunk is one `Decoder.generate` call continuing the state of the previous one with the key
+  `jax.random.key(seed)`, so the concatenated chunks equal
+  `lcsm_jax.generate(..., num_tokens, jax.random.key(seed)).tokens[0]`. chunk_tokens 0 means
+  one call. The run's memory is checked before the first chunk (so before anything is
+  printed). `stats` (if given) accumulates tokens, calls and timings; resolving tau='auto'
+  (measuring this machine's crossover once, if not cached) is not timed.
 
   Raises:
     ValueError: a prompt that does not fit `config.l_max` with `num_tokens`, bad sampling
-      options (from `generate`).
+      options, a run whose estimated memory exceeds what is available
+      (`lcsm_jax.InsufficientMemoryError`).
   """
   prompt_ids = np.asarray(prompt_ids, np.int32).reshape(-1)
-  check_request(config, prompt_ids, num_tokens, chunk_tokens)
-  chunk_tokens = chunk_tokens or num_tokens
+  check_lengths(config, prompt_ids, num_tokens, chunk_tokens)
+  chunk_tokens = min(chunk_tokens or num_tokens, num_tokens)
   stats = stats if stats is not None else GenerationStats(strategy)
+  if temperature == 0:  # greedy decoding ignores top_k and top_p; without them it runs the
+    top_k = top_p = None  # program that the memory check compiles (one compilation, not two)
+  decoder = lcsm_jax.Decoder(params, config, strategy, max_length=prompt_ids.size + num_tokens - 1,
+                             tau=tau, check_memory=check_memory, donate_state=True)
+  decoder.engine(1)  # resolves tau='auto' now, outside the timings
+  with CompileTimer() as timer:  # the memory of the run's largest call, a full chunk
+    decoder.check_request(1, prompt_ids.size, chunk_tokens,
+                          advice="ask for fewer tokens or use a shorter prompt")
+  stats.compile_s += timer.seconds
   key = jax.random.key(seed)
-  greedy = temperature == 0
-  _warm_autotune(config, strategy, tau)
-  ids = prompt_ids
+  with stats.timing():
+    state = decoder.prefill(prompt_ids[None])
   for start in range(0, num_tokens, chunk_tokens):
     num = min(chunk_tokens, num_tokens - start)
-    with CompileTimer() as timer:
-      began = time.perf_counter()
-      noise = None if greedy else _step_noise(key, jnp.int32(start), num=num,
-                                              vocab_size=config.vocab_size)
-      out = generation.generate(params, config, ids[None], num, key, strategy=strategy,
-                                temperature=temperature, top_k=top_k, top_p=top_p,
-                                gumbel_noise=noise, tau=tau, check_memory=check_memory)
+    with stats.timing():
+      out, state = decoder.generate(state, num, key, temperature=temperature, top_k=top_k,
+                                    top_p=top_p)
       chunk = np.asarray(out.tokens[0])
-      elapsed = time.perf_counter() - began
     stats.calls += 1
     stats.tokens += num
-    stats.compile_s += timer.seconds
-    stats.run_s += max(elapsed - timer.seconds, 0.0)
-    ids = np.concatenate([ids, chunk])
     yield chunk
 
 
 # -- The command. ----------------------------------------------------------------------------------
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-  def parse(value: str) -> int:
-    try:
-      number = int(value)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < low:
-      raise argparse.ArgumentTypeError(f"must be >= {low}, got {number}")
-    return number
-  return parse
-
-
-def _float_in(low: float, high: float, low_open: bool) -> Callable[[str], float]:
-  def parse(value: str) -> float:
-    try:
-      number = float(value)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(number):
-      raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
-    if not (low < number if low_open else low <= number) or not number <= high:
-      interval = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if high < math.inf else ')'}"
-      raise argparse.ArgumentTypeError(f"must lie in {interval}, got {value}")
-    return number
-  return parse
-
-
-def _seed(value: str) -> int:
-  try:
-    seed = int(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-  if not SEED_MIN <= seed <= SEED_MAX:
-    raise argparse.ArgumentTypeError(
-        f"must lie in [-2**63, 2**63 - 1] = [{SEED_MIN}, {SEED_MAX}] (what jax.random.key "
-        f"accepts), got {seed}")
-  return seed
-
-
-def _tau(value: str) -> str | int:
-  if value in TAU_NAMES:
-    return value
-  try:
-    tau = int(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected one of {', '.join(TAU_NAMES)} or an integer block size, got {value!r}") from None
-  if tau < 0:
-    raise argparse.ArgumentTypeError(f"an integer tau must be >= 0, got {tau}")
-  return tau
-
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
@@ -217,27 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--prompt", default=None,
                       help="Prompt text (default: 'def ' for bytes, 'ACGT' for DNA). HyenaDNA "
                       "prompts may hold only A, C, G, T, N.")
-  parser.add_argument("--num_tokens", type=_int_at_least(1), default=200,
+  parser.add_argument("--num_tokens", type=common.int_at_least(1), default=200,
                       help="Tokens to generate.")
-  parser.add_argument("--temperature", type=_float_in(0.0, math.inf, False), default=0.8,
+  parser.add_argument("--temperature", type=common.float_in(0.0, math.inf, False), default=0.8,
                       help="Sampling temperature; 0 is greedy.")
-  parser.add_argument("--top_k", type=_int_at_least(1), default=40,
+  parser.add_argument("--top_k", type=common.int_at_least(1), default=40,
                       help="Sample among the k most likely.")
-  parser.add_argument("--top_p", type=_float_in(0.0, 1.0, True), default=None,
+  parser.add_argument("--top_p", type=common.float_in(0.0, 1.0, True), default=None,
                       help="Sample among the smallest set of probability >= top_p.")
-  parser.add_argument("--seed", type=_seed, default=0,
+  parser.add_argument("--seed", type=common.seed, default=0,
                       help="PRNG seed (jax.random.key(seed)): an integer in [-2**63, 2**63 - 1], "
                       "the range jax.random.key accepts. Without 64-bit JAX (JAX_ENABLE_X64) "
                       "only its low 32 bits count: seeds that differ by a multiple of 2**32 "
                       "give the same text.")
-  parser.add_argument("--strategy", choices=engine.STRATEGIES, default="flash",
+  # The exact strategies of lcsm_jax.STRATEGIES: 'modal' needs distilled filters.
+  parser.add_argument("--strategy", choices=EXACT_STRATEGIES, default="flash",
                       help="Exact generation strategy (all give the same text).")
-  parser.add_argument("--tau", type=_tau, default="auto",
+  parser.add_argument("--tau", type=common.from_parser(parse_tau), default="auto",
                       help="Flash block implementation: auto, direct, fft, pallas, or an "
                       "integer crossover (direct for blocks <= tau).")
-  parser.add_argument("--chunk_tokens", type=_int_at_least(0), default=DEFAULT_CHUNK_TOKENS,
-                      help="Tokens per generate call, printed as each call returns (each "
-                      "new chunk shape compiles once); 0: one call.")
+  parser.add_argument("--chunk_tokens", type=common.int_at_least(0), default=DEFAULT_CHUNK_TOKENS,
+                      help="Tokens per generate call, printed as each call returns (the "
+                      "decoder's state is continued; each distinct chunk size compiles once); "
+                      "0: one call.")
   parser.add_argument("--no_memory_check", action="store_true",
                       help="Run even when the estimated memory exceeds what this machine has "
                       "free (by default such a run is refused before it starts).")
@@ -284,7 +222,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   tokenizer = tokenizer_for(config)
   prompt = tokenizer.default_prompt if args.prompt is None else args.prompt
   prompt_ids = tokenizer.encode(prompt)
-  check_request(config, prompt_ids, args.num_tokens, args.chunk_tokens)
+  check_lengths(config, prompt_ids, args.num_tokens, args.chunk_tokens)
   print(f"{PROG}: {description} (vocabulary {config.vocab_size}, {tokenizer.name}, "
         f"l_max {config.l_max}); strategy {args.strategy}, seed {args.seed}", file=err,
         flush=True)
@@ -304,82 +242,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   print(f"lazy text identical to {args.strategy}: {'yes' if identical else 'NO'}; "
         f"{args.strategy} speed-up over lazy: {speedup:.2f}x (compile time not counted)",
         file=err)
-  return 0 if identical else 1
-
-
-def _stdout_to_devnull() -> None:
-  """Points the file descriptor of sys.stdout at /dev/null, so that the interpreter's final
-  flush of text still buffered for a broken pipe does not raise BrokenPipeError again (the
-  recipe of Python's documentation, "Note on SIGPIPE" in the `signal` module)."""
-  try:
-    fd = sys.stdout.fileno()
-  except (AttributeError, OSError, ValueError):  # not a real file (e.g. captured by a test)
-    return
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, fd)
-  os.close(devnull)
-
-
-def _exit_interrupted() -> None:
-  """Ends the process at once: `lcsm-generate: interrupted` on stderr, exit code 130."""
-  try:  # straight to file descriptor 2: no lock of sys.stderr that another thread might hold
-    os.write(2, f"\n{PROG}: interrupted\n".encode())
-  except OSError:
-    pass
-  os._exit(EXIT_INTERRUPTED)
-
-
-def _watch_for_sigint(read_fd: int) -> None:
-  """Reads signal numbers written by Python's C-level signal handler (`signal.set_wakeup_fd`)
-  until the pipe is closed; ends the process on SIGINT."""
-  while data := os.read(read_fd, 64):
-    if int(signal.SIGINT) in data:
-      _exit_interrupted()
-
-
-@contextlib.contextmanager
-def _ctrl_c_exits_at_once() -> Iterator[None]:
-  """While active, SIGINT (Ctrl-C) ends the process at once with exit code 130, without the
-  interpreter's shutdown. Does nothing outside the main thread (Python sets signal handlers
-  only there, and delivers KeyboardInterrupt only there).
-
-  Why (issue 12: Ctrl-C during the compilation of a long generation program crashed with
-  `Fatal Python error: Segmentation fault`, every time): jaxlib compiles on a thread of XLA's
-  thread pool while the main thread waits for it, polling for signals. Ctrl-C there raised
-  KeyboardInterrupt in the main thread and `main` returned 130 while the compilation went on
-  in the pool; the interpreter's shutdown then freed JAX's client (its devices, then it joins
-  the pool), and the compilation, finishing, read a freed device (gdb: the pool thread in
-  `ifrt::PjRtLoadedExecutable::Create` -> `SingleDeviceSharding::Create`, the main thread in
-  `~PjRtClient` from `Py_FinalizeEx`). And while a compiled program runs, the main thread waits
-  without polling for signals: the KeyboardInterrupt came only when the whole call was done.
-
-  The fix: `os._exit` ends the process without that shutdown (no destructors run, so nothing
-  can race with XLA's threads, which simply end with the process), and it is called from a
-  watcher thread that Python's C-level signal handler wakes at once through
-  `signal.set_wakeup_fd`, whatever the main thread is waiting on (XLA's waits release the
-  GIL). The Python-level handler does nothing, so no KeyboardInterrupt unwinds the main thread
-  in the meantime. Nothing written is lost: stdout is flushed after every chunk, and stderr is
-  line-buffered.
-  """
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  read_fd, write_fd = os.pipe()
-  os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
-  watcher = threading.Thread(target=_watch_for_sigint, args=(read_fd,), daemon=True,
-                             name=f"{PROG} SIGINT watcher")
-  watcher.start()
-  previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: None)
-  previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-  try:
-    yield
-  finally:
-    signal.set_wakeup_fd(previous_fd)
-    signal.signal(signal.SIGINT,
-                  previous_handler if previous_handler is not None else signal.SIG_DFL)
-    os.close(write_fd)  # the watcher reads end-of-file and returns
-    watcher.join()
-    os.close(read_fd)
+  return 0 if identical else EXIT_MISMATCH
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -389,36 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     0: success.
     1: --compare_lazy found different text.
     2: bad usage or input: one line `lcsm-generate: error: ...` on stderr, no traceback
-      (options, the seed's range included, are checked before anything goes to stdout).
+      (options, the seed's range included, are checked before anything goes to stdout; so is
+      the run's memory).
     130 (128 + SIGINT): interrupted (Ctrl-C); `lcsm-generate: interrupted` on stderr. Called
       from the main thread, the process ends at once, by os._exit, without returning (see
-      `_ctrl_c_exits_at_once` for why).
+      `common.ctrl_c_exits_at_once` for why). Nothing printed is lost: stdout is flushed
+      after every chunk.
     141 (128 + SIGPIPE): the reader of stdout went away (`lcsm-generate ... | head -c 10`):
-      generation stops, nothing is printed on stderr. A shell reports the same status for a
-      program killed by SIGPIPE (`yes | head`), so `set -o pipefail` treats both alike.
+      generation stops, nothing is printed on stderr.
   """
-  parser = build_parser()
-  try:
-    args = parser.parse_args(argv)
-  except SystemExit as e:  # argparse printed usage and the error (or --help)
-    return int(e.code or 0)
-  try:
-    with _ctrl_c_exits_at_once():
-      return run(args, sys.stdout, sys.stderr)
-  except BrokenPipeError:  # an OSError, but no error of the input: see the docstring
-    _stdout_to_devnull()
-    return EXIT_BROKEN_PIPE
-  except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-    try:
-      sys.stdout.flush()
-    except BrokenPipeError:
-      _stdout_to_devnull()
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:  # SIGINT just before the handler was installed
-    print(f"\n{PROG}: interrupted", file=sys.stderr)
-    return EXIT_INTERRUPTED
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  return common.run_main(PROG, build_parser(), run, argv)
