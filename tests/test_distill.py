@@ -270,6 +270,21 @@ def test_fit_long_smooth_filter_through_box_sums():
   assert np.max(err / np.linalg.norm(taps[1:], axis=0)) < 1e-8
 
 
+def test_fit_fir_term_is_a_used_pole_zero():
+  """h[1] = 3 and nothing else: ERA's state matrix is 0, so the slot holds pole 0 (used) with
+  residue 3; pole 0 is also how unused slots look, but their residue stays 0."""
+  taps = np.zeros((64, 2))
+  taps[1, 0] = 3.0
+  taps[1:, 1] = 0.5 ** np.arange(63)
+  poles, residues, _ = closed_form(taps, 2)
+  assert poles[0, 0] == 0 and residues[0, 0] == pytest.approx(3.0, abs=1e-12)
+  assert poles[1, 0] == pytest.approx(0.5, abs=1e-12)
+  np.testing.assert_allclose(evaluate(poles, residues, 64), taps[1:], atol=1e-12)
+  new_p, new_r = refine.refine(poles, residues, hankel.window(taps, max_size=256),
+                               np.ones(poles.shape, bool), steps=5)
+  np.testing.assert_allclose(evaluate(new_p, new_r, 64), taps[1:], atol=1e-12)
+
+
 def test_poles_are_clipped_inside_the_unit_circle():
   taps = np.zeros((200, 1))
   taps[1:, 0] = np.cos(0.3 * np.arange(199))  # an undamped pair: |p| = 1
@@ -286,7 +301,7 @@ def test_refinement_lowers_the_error_of_a_power_law():
   taps = np.stack([1 / (1 + t) ** 1.5, np.exp(-t / 60) * np.cos(0.2 * t + 1e-3 * t * t)], 1)
   poles, residues, win = closed_form(taps, 4, max_size=128)
   before = fit.window_error(poles, residues, win)
-  new_p, new_r = refine.refine(poles, residues, win, steps=300)
+  new_p, new_r = refine.refine(poles, residues, win, np.ones(poles.shape, bool), steps=300)
   after = fit.window_error(new_p, new_r, win)
   assert np.all(after < 0.9 * before), (before, after)
   assert after[0] < 0.5 * before[0]

@@ -154,8 +154,9 @@ def _block_fit(flat: np.ndarray, order: int | None, tol: float | None, max_order
   if refine_steps:
     tick = time.perf_counter()
     with blas.threads(1):
-      poles, residues = refine_lib.refine(poles, residues, win, steps=refine_steps,
-                                          learning_rate=learning_rate, max_modulus=max_modulus)
+      poles, residues = refine_lib.refine(poles, residues, win, fit.used_slots(orders, slots),
+                                          steps=refine_steps, learning_rate=learning_rate,
+                                          max_modulus=max_modulus)
     timings["refine"] += time.perf_counter() - tick
   return {"poles": poles, "residues": residues, "order": orders, "reached": reached,
           "hankel_bound": hankel.hankel_bound(sv, orders),

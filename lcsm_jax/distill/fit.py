@@ -109,16 +109,30 @@ def _expm1(z: np.ndarray) -> np.ndarray:
   return np.expm1(x) * np.cos(y) - 2.0 * np.sin(y / 2) ** 2 + 1j * np.exp(x) * np.sin(y)
 
 
-def design(poles: np.ndarray, stride: np.ndarray, count: int) -> np.ndarray:
-  """(F, count, n) complex: beta_n p_n^(m s) for samples m < count (0 for unused slots)."""
-  used = poles != 0
-  logp = np.log(np.where(used, poles, 1.0))
+def used_slots(orders: np.ndarray, slots: int) -> np.ndarray:
+  """(F, slots) bool: slot j of filter f is used when j < orders[f] / 2."""
+  return np.arange(slots)[None, :] < (np.asarray(orders) // 2)[:, None]
+
+
+def design(poles: np.ndarray, stride: np.ndarray, count: int,
+           used: np.ndarray | None = None) -> np.ndarray:
+  """(F, count, n) complex: beta_n p_n^(m s) for samples m < count, 0 for unused slots.
+
+  A used slot may hold pole 0 (ERA finds it for an FIR term: R p^(t-1) is R at t = 1 and 0
+  after, so its samples are R at m = 0 whatever the stride). `used` defaults to every slot (an
+  unused slot's residue is 0, so evaluating it adds nothing).
+  """
+  used = np.ones(poles.shape, bool) if used is None else used
+  zero = poles == 0
+  logp = np.log(np.where(zero, 1.0, poles))
   s = stride[:, None].astype(np.float64)
   with np.errstate(all="ignore"):
     beta = np.where(s == 1, 1.0, _expm1(s * logp) / _expm1(logp))
-  beta = np.where(used & np.isfinite(beta), beta, 0.0)
+  beta = np.where(zero, 1.0, np.where(np.isfinite(beta), beta, 0.0))
   m = np.arange(count, dtype=np.float64)
-  return np.exp(m[None, :, None] * (s * logp)[:, None, :]) * beta[:, None, :]
+  power = np.exp(m[None, :, None] * (s * logp)[:, None, :])
+  power = np.where(zero[:, None, :], (m == 0)[None, :, None], power)
+  return np.where(used[:, None, :], power * beta[:, None, :], 0)
 
 
 # Singular values of the column-normalised least-squares matrix below RCOND times the largest
@@ -130,10 +144,12 @@ def design(poles: np.ndarray, stride: np.ndarray, count: int) -> np.ndarray:
 RCOND = 1e-6
 
 
-def fit_residues(poles: np.ndarray, win: hankel.Window, rcond: float = RCOND) -> np.ndarray:
-  """Least-squares residues (F, n) complex128 for poles (F, n) on the window's samples."""
+def fit_residues(poles: np.ndarray, win: hankel.Window, used: np.ndarray,
+                 rcond: float = RCOND) -> np.ndarray:
+  """Least-squares residues (F, n) complex128 for poles (F, n) on the window's samples; 0 in
+  slots that are not `used` (F, n)."""
   count = win.samples.shape[1]
-  v = design(poles, win.stride, count)
+  v = design(poles, win.stride, count, used)
   real = poles.imag == 0
   cols = np.concatenate([v.real, np.where(real[:, None, :], 0.0, -v.imag)], -1)
   weight = win.complete.astype(np.float64)
@@ -149,7 +165,7 @@ def fit_residues(poles: np.ndarray, win: hankel.Window, rcond: float = RCOND) ->
   coef = coef / norms
   n = poles.shape[1]
   residues = coef[:, :n] + 1j * coef[:, n:]
-  return np.where(poles != 0, residues, 0)
+  return np.where(used, residues, 0)
 
 
 def window_error(poles: np.ndarray, residues: np.ndarray, win: hankel.Window) -> np.ndarray:
@@ -165,7 +181,8 @@ def window_error(poles: np.ndarray, residues: np.ndarray, win: hankel.Window) ->
 def fit_window(win: hankel.Window, values: np.ndarray, vectors: np.ndarray, orders: np.ndarray,
                slots: int, max_modulus: float) -> tuple[np.ndarray, np.ndarray]:
   """Poles and residues (F, slots) complex128 for filters with per-filter orders (F,) (even,
-  <= 2 slots, <= k); slots beyond a filter's order / 2 hold pole 0 and residue 0."""
+  <= 2 slots, <= k); slots beyond a filter's order / 2 (`used_slots`) hold pole 0 and residue
+  0. A used slot can hold pole 0 too (an FIR term at tap 1), with any residue."""
   filters = win.samples.shape[0]
   poles = np.zeros((filters, slots), np.complex128)
   for order in np.unique(orders):
@@ -174,5 +191,5 @@ def fit_window(win: hankel.Window, values: np.ndarray, vectors: np.ndarray, orde
     chosen = pair_slots(q, norm, int(order) // 2)
     chosen = clip_poles(full_rate(chosen, win.hankel_stride[sel]), max_modulus)
     poles[sel, :int(order) // 2] = chosen
-  residues = fit_residues(poles, win)
+  residues = fit_residues(poles, win, used_slots(orders, slots))
   return poles, residues

@@ -7,8 +7,9 @@ complex poles p_n and residues R_n (conjugate pairs implied by the real part):
   h[t] ~ Re sum_n residues[s, d, n] * poles[s, d, n] ** (t - 1),   t >= 1.
 
 N = 2 * poles.shape[-1] is the number of real states. Unused slots hold pole 0 and residue 0
-(they contribute nothing: 0 ** 0 = 1 times residue 0). A real pole occupies one slot with a real
-residue (Re(R p^(t-1)) = Re(R) p^(t-1) when p is real), so it costs two real states like a pair.
+(they contribute nothing: 0 ** 0 = 1 times residue 0). A used slot may hold pole 0 with a nonzero
+residue: an FIR term, R at t = 1 only. A real pole occupies one slot with a real residue
+(Re(R p^(t-1)) = Re(R) p^(t-1) when p is real), so it costs two real states like a pair.
 
 With x_n[t] = p_n x_n[t-1] + a[t], the convolution is y[t] = h0 a[t] + Re sum_n R_n x_n[t-1]
 (the model adds its skip term to h0 as the diagonal).

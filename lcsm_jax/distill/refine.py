@@ -85,23 +85,24 @@ def _run(params, c, s, used, targets, weight, steps: int, learning_rate: float):
   return best
 
 
-def refine(poles: np.ndarray, residues: np.ndarray, win: hankel.Window, *, steps: int,
-           learning_rate: float = 3e-2, max_modulus: float = 1 - 1e-6
+def refine(poles: np.ndarray, residues: np.ndarray, win: hankel.Window, used: np.ndarray,
+           *, steps: int, learning_rate: float = 3e-2, max_modulus: float = 1 - 1e-6
            ) -> tuple[np.ndarray, np.ndarray]:
   """Refined (poles, residues) (F, n) complex128, never worse on the window than the input.
 
   Args:
-    poles, residues: (F, n) the closed-form fit (`fit.fit_window`); pole 0 marks unused slots.
+    poles, residues: (F, n) the closed-form fit (`fit.fit_window`).
     win: the window they were fitted on.
+    used: (F, n) bool, the slots in use (`fit.used_slots`); the others stay pole 0, residue 0.
+      A used pole 0 (an FIR term) starts from |p| = 1e-30.
     steps: Adam steps (>= 1).
     learning_rate: Adam's step size (parameters are of order one, see the module docstring).
     max_modulus: the bound on |p| the parametrisation enforces.
   """
   count = win.samples.shape[1]
-  used = poles != 0
   s = win.stride[:, None].astype(np.float64)
   c = -count * s * math.log(max_modulus)
-  logp = np.log(np.where(used, poles, 0.5))
+  logp = np.log(np.where(used, np.where(poles == 0, 1e-30, poles), 0.5))
   z = count * s * logp
   decay = np.maximum(-z.real - c, 1e-6)
   weight = win.complete.astype(np.float64)
@@ -117,7 +118,7 @@ def refine(poles: np.ndarray, residues: np.ndarray, win: hankel.Window, *, steps
   z_new = -(c + np.exp(best["a"])) + 1j * best["omega"]
   new_poles = np.where(used, np.exp(z_new / (count * s)), 0)
   new_poles = fit.clip_poles(new_poles, max_modulus)
-  new_residues = fit.fit_residues(new_poles, win)
+  new_residues = fit.fit_residues(new_poles, win, used)
   before = fit.window_error(poles, residues, win)
   after = fit.window_error(new_poles, new_residues, win)
   keep = (after < before)[:, None]
