@@ -14,7 +14,6 @@ call of 200 tokens and calls of 50, 100 and 50 give the same tokens, with every 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 from flax import struct
@@ -77,7 +76,8 @@ class DecodeState:
 
 class _Sampler(NamedTuple):
   """The dynamic sampling inputs of one call."""
-  keys: Array | None         # (B,) row keys, or None (greedy or explicit noise)
+  keys: Array | None         # () the key (row b's: fold_in(key, b)), or (B,) row keys, or None
+                             # (greedy or explicit noise)
   noise: Array | None        # (B, N, vocab_size) explicit Gumbel noise, or None
   temperature: Array         # ()
   top_p: Array               # ()
@@ -112,6 +112,9 @@ def _generate(params, tables, state: DecodeState, sampler: _Sampler, *, engine: 
               on_token: Callable | None):
   n, vocab = num_tokens, config.vocab_size
   batch = state.done.shape[0]
+  keys = sampler.keys
+  if keys is not None and keys.ndim == 0:
+    keys = sampling.row_keys(keys, batch)
 
   def choose(logits, j, done):
     """Token j of this call (absolute step state.step + j) and the rows' done flags after it."""
@@ -120,7 +123,7 @@ def _generate(params, tables, state: DecodeState, sampler: _Sampler, *, engine: 
     elif sampler.noise is not None:
       noise = jax.lax.dynamic_index_in_dim(sampler.noise, j, axis=1, keepdims=False)
     else:
-      noise = sampling.step_noise(sampler.keys, state.step + j, vocab)
+      noise = sampling.step_noise(keys, state.step + j, vocab)
     token = sampling.choose(logits, config, sampler.temperature, sampler.top_p, noise)
     if sampler.eos_id is None:
       return token, done
@@ -254,8 +257,8 @@ class Decoder(Session):
     static = self._prefill_static(prompt.shape[0], return_logits)
     compiled = self.compiled(_PROGRAMS["prefill"], static, self.params,
                              self.abstract_tables(), prompt)
-    self.check_memory({**self.table_parts(), "prefill (state included)":
-                       memory.program_bytes(compiled)},
+    self.check_memory(lambda: {**self.table_parts(), "prefill (state included)":
+                               memory.program_bytes(compiled)},
                       "use a smaller batch or max_length")
     state, logits = self._run(_PROGRAMS["prefill"], static, self.params, self.tables, prompt)
     return (logits, state) if return_logits else state
@@ -349,8 +352,8 @@ class Decoder(Session):
   def state_shape(self, batch: int, prompt_length: int) -> DecodeState:
     """The `DecodeState` after a prompt, as `jax.ShapeDtypeStruct`s (nothing runs)."""
     prompt = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32)
-    return jax.eval_shape(functools.partial(_prefill, **self._prefill_static(batch, False)),
-                          self.params, self.abstract_tables(), prompt)[0]
+    return self.shapes(_prefill, self._prefill_static(batch, False), self.params,
+                       self.abstract_tables(), prompt)[0]
 
   def estimate_memory(self, batch: int, prompt_length: int, num_tokens: int | None = None, *,
                       score_tokens: int | None = None) -> dict[str, int]:
@@ -410,7 +413,7 @@ class Decoder(Session):
   def _continue(self, kind: str, static: dict, state: DecodeState, inputs, advice: str):
     program = _PROGRAMS[f"{kind}_donating" if self.donate_state else kind]
     compiled = self.compiled(program, static, self.params, self.tables, state, inputs)
-    self.check_memory({kind: memory.program_bytes(compiled)}, advice)
+    self.check_memory(lambda: {kind: memory.program_bytes(compiled)}, advice)
     return compiled(self.params, self.tables, state, inputs)
 
 
@@ -426,7 +429,7 @@ def _too_long(length: int, count: int, max_length: int, what: str, sample: bool 
 
 
 def _row_keys(key, row_keys, batch: int) -> Array:
-  """(B,) keys for the rows: `row_keys` as given, else fold_in(key, b)."""
+  """`row_keys` (B,) as given, else `key` (the program folds in each row's index)."""
   if row_keys is not None:
     if key is not None:
       raise ValueError("give either key or row_keys, not both.")
@@ -445,5 +448,11 @@ def _row_keys(key, row_keys, batch: int) -> Array:
                      "temperature=0 for greedy decoding).")
   key = jnp.asarray(key)
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+      raise TypeError(f"key must be a PRNG key from jax.random.key (or PRNGKey), got dtype "
+                      f"{key.dtype} and shape {key.shape}.")
     key = jax.random.wrap_key_data(key)
-  return sampling.row_keys(key, batch)
+  if key.shape != ():
+    raise ValueError(f"key must be one PRNG key (shape ()), got shape {key.shape}; for one key "
+                     "per row pass row_keys=.")
+  return key

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from flax import struct
@@ -81,15 +80,15 @@ class Rollout(Session):
     static = dict(engine=self.engine(prompt.shape[0]))
     tables = self.tables
     compiled = self.compiled(_PREFILL, static, self.params, tables, prompt)
-    self.check_memory({"prefill (state included)": memory.program_bytes(compiled)},
+    self.check_memory(lambda: {"prefill (state included)": memory.program_bytes(compiled)},
                       "use a smaller batch or max_length")
     return compiled(self.params, tables, prompt)
 
   def state_shape(self, batch: int, prompt_length: int) -> RolloutState:
     """The state after a prompt, as `jax.ShapeDtypeStruct`s (nothing runs)."""
     prompt = jax.ShapeDtypeStruct((batch, prompt_length, self.model.width), jnp.float32)
-    return jax.eval_shape(functools.partial(_prefill, engine=self.engine(batch)), self.params,
-                          self.abstract_tables(), prompt)[1]
+    return self.shapes(_prefill, dict(engine=self.engine(batch)), self.params,
+                       self.abstract_tables(), prompt)[1]
 
   def estimate_memory(self, batch: int, prompt_length: int,
                       num_steps: int | None = None) -> dict[str, int]:
@@ -115,7 +114,8 @@ class Rollout(Session):
                        f"is {self.max_length}.")
     static = dict(engine=self.engine(state.last.shape[0]), num_steps=int(num_steps))
     compiled = self.compiled(self._run_program, static, self.params, self.tables, state)
-    self.check_memory({"rollout": memory.program_bytes(compiled)}, "run fewer steps per call")
+    self.check_memory(lambda: {"rollout": memory.program_bytes(compiled)},
+                      "run fewer steps per call")
     return compiled(self.params, self.tables, state)
 
 

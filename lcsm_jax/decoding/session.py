@@ -38,6 +38,13 @@ def compile_program(program: Callable, static: tuple, sig: tuple) -> Any:
   return program.lower(*abstract(sig), **dict(static)).compile()
 
 
+@functools.lru_cache(maxsize=256)
+def shapes_of(fn: Callable, static: tuple, sig: tuple) -> Any:
+  """`jax.eval_shape` of fn(*args, **static) for arguments of signature `sig`, traced once per
+  process (a repeated estimate then costs no tracing)."""
+  return jax.eval_shape(functools.partial(fn, **dict(static)), *abstract(sig))
+
+
 def _prepare(params, aux, *, engine: Engine) -> EngineTables:
   return engine.prepare(params, aux)
 
@@ -91,7 +98,7 @@ class Session:
   def tables(self) -> EngineTables:
     """Filter tables for `max_length` positions, computed on first use and kept."""
     if self._tables is None:
-      self.check_memory(self.table_parts(), "use a smaller max_length")
+      self.check_memory(self.table_parts, "use a smaller max_length")
       self._tables = self._run(prepare_program, dict(engine=self._table_engine), self.params,
                                self.aux)
     return self._tables
@@ -100,8 +107,7 @@ class Session:
     """The tables if built, else their shapes (`jax.ShapeDtypeStruct`s; nothing runs)."""
     if self._tables is not None:
       return self._tables
-    return jax.eval_shape(functools.partial(_prepare, engine=self._table_engine), self.params,
-                          self.aux)
+    return self.shapes(_prepare, dict(engine=self._table_engine), self.params, self.aux)
 
   def engine(self, batch: int) -> Engine:
     """The engine for batches of `batch` rows. tau='auto' is resolved here, once per batch
@@ -123,6 +129,10 @@ class Session:
     """The compiled `program` for `args` (kept per signature; compiled on first use)."""
     return compile_program(program, tuple(sorted(static.items())), signature(args))
 
+  def shapes(self, fn: Callable, static: Mapping[str, Any], *args) -> Any:
+    """The output shapes of fn(*args, **static) (`shapes_of`, kept per signature)."""
+    return shapes_of(fn, tuple(sorted(static.items())), signature(args))
+
   def _run(self, program: Callable, static: Mapping[str, Any], *args) -> Any:
     return self.compiled(program, static, *args)(*args)
 
@@ -137,8 +147,13 @@ class Session:
                              self.aux)
     return {"filter tables and their computation": memory.program_bytes(compiled)}
 
-  def check_memory(self, parts: Mapping[str, int], advice: str) -> None:
-    """Refuses (InsufficientMemoryError) when `parts` exceed the available memory, unless the
-    options say check_memory=False."""
-    if self.options.check_memory and parts:
+  def check_memory(self, parts: Mapping[str, int] | Callable[[], Mapping[str, int]],
+                   advice: str) -> None:
+    """Refuses (InsufficientMemoryError) when `parts` (or what `parts()` returns: estimates
+    are only made when checked) exceed the available memory, unless the options say
+    check_memory=False."""
+    if not self.options.check_memory:
+      return
+    parts = parts() if callable(parts) else parts
+    if parts:
       memory.check_fits(parts, advice=f"{advice} (or pass check_memory=False to run anyway).")
