@@ -4,7 +4,8 @@
 
 Modules: `modal` (ModalFilters, the StripedHyena conversion), `hankel` (windows, Hankel singular
 values, order selection, the bound), `fit` (ERA poles, least-squares residues), `refine` (optax
-refinement), `report` (metrics, summary, table), `api` (`distill`).
+refinement), `report` (metrics, summary, table), `api` (`distill`), `blas` (OpenBLAS held to
+one thread during the fit's small batched decompositions).
 """
 
 from lcsm_jax.distill.api import Distilled, DistillationWarning, distill
