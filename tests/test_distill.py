@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcsm_jax.distill import fit, hankel, refine
-from lcsm_jax.distill.modal import ModalFilters, from_stripedhyena, powers, to_stripedhyena
+from lcsm_jax.distillation import fit, hankel, refine
+from lcsm_jax.distillation.modal import ModalFilters, from_stripedhyena, powers, to_stripedhyena
 
 
 def reference_taps(poles, residues, h0, length):

@@ -1,4 +1,4 @@
-"""lcsm_jax.distill.distill end to end: recovery through the API, orders from a tolerance, the
+"""lcsm_jax.distillation.distill end to end: recovery through the API, orders from a tolerance, the
 report (checked against a float64 NumPy evaluation of the stored filters), bad input, warnings,
 the shipped byte LM, the ConvStack, and (slow) every filter of the large-1m preset."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import lcsm_jax
-from lcsm_jax.distill import METRICS, DistillationWarning, Distilled, distill, format_table
+from lcsm_jax.distillation import METRICS, DistillationWarning, Distilled, distill, format_table
 from lcsm_jax.models import online_model
 from lcsm_jax.models.conv_stack import ConvStack
 

@@ -12,7 +12,7 @@ import pytest
 import lcsm_jax
 from lcsm_jax import io
 from lcsm_jax import models
-from lcsm_jax.distill import DistillationWarning, distill
+from lcsm_jax.distillation import DistillationWarning, distill
 from lcsm_jax.errors import CheckpointError
 from lcsm_jax.models.hyena import HyenaConfig, init_params
 

@@ -14,6 +14,7 @@ import pytest
 
 from lcsm_jax import decoding
 from lcsm_jax.decoding.strategies import modal
+from lcsm_jax.distillation.modal import powers
 from lcsm_jax.models.conv_stack import ConvStack
 from lcsm_jax.models.hyena import HyenaConfig, HyenaLM, init_params
 from lcsm_jax import models
@@ -24,7 +25,7 @@ CONFIG = HyenaConfig(vocab_size=13, d_model=8, n_layer=2, d_inner=16, l_max=40, 
 
 @struct.dataclass
 class Filters:
-  """The fields the strategy reads (`lcsm_jax.distill.ModalFilters` has them too)."""
+  """The fields the strategy reads (`lcsm_jax.distillation.ModalFilters` has them too)."""
   poles: jax.Array
   residues: jax.Array
 
@@ -68,7 +69,7 @@ def test_prompt_state_equals_the_recurrence(length, half_order, batch, chunk):
 
 def test_zero_poles_are_exact():
   poles = jnp.zeros((1, 1, 2), jnp.complex64)
-  np.testing.assert_array_equal(modal.powers(poles, 4)[:, 0, 0, 0], [1, 0, 0, 0])
+  np.testing.assert_array_equal(powers(poles, 4)[:, 0, 0, 0], [1, 0, 0, 0])
   inputs = jnp.arange(1, 6, dtype=jnp.float32).reshape(5, 1, 1, 1)
   np.testing.assert_allclose(modal.prompt_state_vandermonde(poles, inputs, 2)[0, 0, 0], [5, 5])
 

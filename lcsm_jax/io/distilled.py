@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from lcsm_jax.distill.api import Distilled
-from lcsm_jax.distill.modal import ModalFilters, from_stripedhyena, to_stripedhyena
+from lcsm_jax.distillation.api import Distilled
+from lcsm_jax.distillation.modal import ModalFilters, from_stripedhyena, to_stripedhyena
 from lcsm_jax.errors import CheckpointError
 
 PathLike = str | os.PathLike[str]

@@ -201,7 +201,7 @@ def has_distilled(path: PathLike) -> bool:
 
 def load_distilled(path: PathLike):
   """The distilled filters saved with the checkpoint in `path` (`save_params(...,
-  distilled=...)`), as a `lcsm_jax.distill.Distilled`, or None when it has none.
+  distilled=...)`), as a `lcsm_jax.distillation.Distilled`, or None when it has none.
 
   Raises:
     CheckpointError: a distilled section that does not fit the config (named), or that was

@@ -24,6 +24,7 @@ from jax import lax
 from lcsm_jax import convolution
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.strategies import base
+from lcsm_jax.distillation.modal import ModalFilters, powers
 from lcsm_jax.models.interface import OnlineModel, Prefill
 
 Array = jax.Array
@@ -39,16 +40,6 @@ class ModalTables(NamedTuple):
 
 class ModalState(NamedTuple):
   x: Array  # (S, B, D, H) complex64: the state after the latest fed position
-
-
-def powers(poles: Array, count: int) -> Array:
-  """(count, ...) complex64: poles ** k for k = 0 .. count - 1, by repeated products (exact
-  for poles equal to 0, unlike exp(k log p))."""
-  ones = jnp.ones((1,) + poles.shape, poles.dtype)
-  if count == 1:
-    return ones
-  rest = jnp.broadcast_to(poles, (count - 1,) + poles.shape)
-  return jnp.concatenate([ones, jnp.cumprod(rest, axis=0)], axis=0)
 
 
 def prompt_state_vandermonde(poles: Array, inputs: Array, chunk: int) -> Array:
@@ -81,13 +72,6 @@ def prompt_state_fft(poles: Array, inputs: Array) -> Array:
   a_f = jnp.fft.fft(jnp.moveaxis(inputs.astype(jnp.complex64), 0, -1), n=n)  # (S, B, D, F)
   y = jnp.fft.ifft(a_f[..., None, :] * kernel_f[:, None], n=n)          # (S, B, D, H, F)
   return y[..., length - 1].astype(jnp.complex64)
-
-
-def modal_taps(poles: Array, residues: Array, diagonal_tap: Array, length: int) -> Array:
-  """(length, S, D) float32: row 0 = diagonal_tap (S, D), rows t >= 1 = Re sum R p^(t-1)."""
-  rest = jnp.einsum("tsdh,sdh->tsd", powers(poles, max(length - 1, 1)), residues).real
-  return jnp.concatenate([diagonal_tap[None].astype(jnp.float32),
-                          rest[:length - 1].astype(jnp.float32)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +119,8 @@ class Modal(base.MixingStrategy):
                        jnp.asarray(aux.residues, jnp.complex64), taps[0])
 
   def prefill_taps(self, tables: ModalTables, length: int) -> Array:
-    return modal_taps(tables.poles, tables.residues, tables.tap0, length)
+    # tap 0 is the model's own h[0], as in the steps' diagonal
+    return ModalFilters(tables.poles, tables.residues, tables.tap0).taps(length)
 
   def init(self, tables: ModalTables, prompt: Array, prefill: Prefill,
            num_steps: int) -> ModalState:

@@ -8,7 +8,7 @@ never exist for all layers at once), in blocks of `hankel.BLOCK` filters:
   (`fit`) -> optional Adam refinement (`refine`) -> complex64 `ModalFilters` -> error metrics of
   the stored filters over all T taps (`report`).
 
-Progress is logged per group (std `logging`, logger 'lcsm_jax.distill').
+Progress is logged per group (std `logging`, logger 'lcsm_jax.distillation').
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcsm_jax.distill import blas, fit, hankel, refine as refine_lib, report as report_lib
-from lcsm_jax.distill.modal import ModalFilters, to_stripedhyena
+from lcsm_jax.distillation import blas, fit, hankel, refine as refine_lib, report as report_lib
+from lcsm_jax.distillation.modal import ModalFilters, to_stripedhyena
 from lcsm_jax.models import online_model
 from lcsm_jax.models.hyena.online import HyenaOnline
 
-logger = logging.getLogger("lcsm_jax.distill")
+logger = logging.getLogger("lcsm_jax.distillation")
 
 
 class DistillationWarning(UserWarning):
@@ -45,7 +45,7 @@ class Distilled:
     filters: ModalFilters (S, D, N/2): poles, residues, h0 (the filters' tap 0).
     skip: (S, D) float32, the model's skip term (its diagonal minus h0), for
       `to_stripedhyena`.
-    report: the report dict (`lcsm_jax.distill.report`: settings, metrics, per_filter,
+    report: the report dict (`lcsm_jax.distillation.report`: settings, metrics, per_filter,
       per_stream, overall, timings_s), JSON-serialisable.
   """
 

@@ -8,10 +8,10 @@ refinement), `report` (metrics, summary, table), `api` (`distill`), `blas` (Open
 one thread during the fit's small batched decompositions).
 """
 
-from lcsm_jax.distill.api import Distilled, DistillationWarning, distill
-from lcsm_jax.distill.hankel import hankel_bound, hankel_singular_values, select_order
-from lcsm_jax.distill.modal import ModalFilters, from_stripedhyena, to_stripedhyena
-from lcsm_jax.distill.report import METRICS, format_table
+from lcsm_jax.distillation.api import Distilled, DistillationWarning, distill
+from lcsm_jax.distillation.hankel import hankel_bound, hankel_singular_values, select_order
+from lcsm_jax.distillation.modal import ModalFilters, from_stripedhyena, to_stripedhyena
+from lcsm_jax.distillation.report import METRICS, format_table
 
 __all__ = ["Distilled", "DistillationWarning", "METRICS", "ModalFilters", "distill",
            "format_table", "from_stripedhyena", "hankel_bound", "hankel_singular_values",

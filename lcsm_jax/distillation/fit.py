@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lcsm_jax.distill import hankel
+from lcsm_jax.distillation import hankel
 
 
 def era_poles(samples: np.ndarray, k: int, order: int, values: np.ndarray,

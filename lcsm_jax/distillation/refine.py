@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from lcsm_jax.distill import fit, hankel
+from lcsm_jax.distillation import fit, hankel
 
 
 def _expm1(z):

@@ -42,7 +42,7 @@ import dataclasses
 
 import numpy as np
 
-from lcsm_jax.distill import blas
+from lcsm_jax.distillation import blas
 
 # Filters per batched eigendecomposition: (block, k, k) float64 matrices, 128 MB at k = 256.
 BLOCK = 256
