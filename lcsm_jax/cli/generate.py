@@ -3,6 +3,7 @@
   lcsm-generate --prompt "def parse_args(argv):" --num_tokens 200 --temperature 0.8
   lcsm-generate --num_tokens 1000 --compare_lazy
   lcsm-generate --checkpoint path/to/hyenadna --prompt ACGTACGT --num_tokens 500
+  lcsm-generate --checkpoint distilled_dir --num_tokens 300 --compare_exact
 
 The text goes to stdout as it is generated; timings, progress and errors go to stderr. One
 `lcsm_jax.Decoder` prefills the prompt, then continues its state by `--chunk_tokens` tokens per
@@ -10,6 +11,13 @@ The text goes to stdout as it is generated; timings, progress and errors go to s
 its absolute step, so the chunked text is exactly the text of a single call with the same
 seed. The filter tables are computed once per run; the full chunks share one compiled program,
 a shorter last chunk compiles its own. Compile time is reported apart from generation time.
+
+A checkpoint directory holding distilled filters (`lcsm-distill`, `io.native.has_distilled`)
+runs the approximate 'modal' strategy on them unless `--strategy` names another one (the exact
+strategies run on the original filters); modal may generate past the model's l_max.
+`--compare_exact` then also runs flash with the same seed and reports the agreement on one
+line: the tokens equal until the first difference, and the mean per-step KL(exact || modal)
+of the next-token distributions along the modal text (`compare_exact`).
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ import numpy as np
 
 import lcsm_jax
 from lcsm_jax.cli import common
-from lcsm_jax.decoding import EXACT_STRATEGIES
+from lcsm_jax.decoding import EXACT_STRATEGIES, STRATEGIES
 from lcsm_jax.decoding.options import parse_tau
-from lcsm_jax.io import load_checkpoint
+from lcsm_jax.decoding.strategies import strategy_class
+from lcsm_jax.io import has_distilled, load_checkpoint, load_distilled
 from lcsm_jax.models.hyena.config import HyenaConfig
 from lcsm_jax.text import Tokenizer, tokenizer_for
 from lcsm_jax.tuning.timing import CompileTimer
@@ -36,6 +45,7 @@ from lcsm_jax.tuning.timing import CompileTimer
 PROG = "lcsm-generate"
 DEFAULT_CHUNK_TOKENS = 256
 EXIT_MISMATCH = 1  # --compare_lazy found different text
+EXACT_REFERENCE = "flash"  # the exact strategy --compare_exact runs
 
 
 # -- Chunked, exact generation with timing. --------------------------------------------------------
@@ -75,14 +85,22 @@ class GenerationStats:
 
 
 def check_lengths(config: HyenaConfig, prompt_ids: np.ndarray, num_tokens: int,
-                  chunk_tokens: int) -> None:
-  """Raises ValueError unless a prompt of ids (P,) and `num_tokens` fit the model."""
+                  chunk_tokens: int, strategy: str = "flash") -> None:
+  """Raises ValueError unless a prompt of ids (P,) and `num_tokens` fit the model: P + num_tokens
+  - 1 <= l_max, or for an `unbounded` strategy (modal, whose recurrence is defined for every
+  t) only P <= l_max (the prompt's parallel prefill)."""
   if np.size(prompt_ids) == 0:
     raise ValueError("the prompt is empty; generation needs at least one prompt token.")
   if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
     raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}.")
   total = np.size(prompt_ids) + num_tokens - 1
-  if total > config.l_max:
+  if strategy_class(strategy).unbounded:
+    if np.size(prompt_ids) > config.l_max:
+      raise ValueError(
+          f"the prompt has {np.size(prompt_ids)} tokens, more than the model's maximum length "
+          f"l_max = {config.l_max} (its parallel prefill; generation may go further with "
+          f"{strategy}); shorten the prompt.")
+  elif total > config.l_max:
     raise ValueError(
         f"the prompt ({np.size(prompt_ids)} tokens) and {num_tokens} new tokens need "
         f"{total} positions, more than the model's maximum length l_max = {config.l_max}; "
@@ -95,7 +113,7 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
                     seed: int, *, chunk_tokens: int, strategy: str = "flash",
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, tau: str | int = "auto",
-                    check_memory: bool = True,
+                    check_memory: bool = True, distilled: Any = None,
                     stats: GenerationStats | None = None) -> Iterator[np.ndarray]:
   """Yields the `num_tokens` tokens after `prompt_ids` (P,) in chunks of ids (<= chunk_tokens,).
 
@@ -104,7 +122,8 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
   `jax.random.key(seed)`, so the concatenated chunks equal
   `lcsm_jax.generate(..., num_tokens, jax.random.key(seed)).tokens[0]`. chunk_tokens 0 means
   one call. The run's memory is checked before the first chunk (so before anything is
-  printed). `stats` (if given) accumulates tokens, calls and timings; resolving tau='auto'
+  printed). `distilled` (`lcsm_jax.distill` or `io.load_distilled`) is what strategy 'modal'
+  runs on; modal may go past `config.l_max`. `stats` (if given) accumulates tokens, calls and timings; resolving tau='auto'
   (measuring this machine's crossover once, if not cached) is not timed.
 
   Raises:
@@ -113,13 +132,14 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
       (`lcsm_jax.InsufficientMemoryError`).
   """
   prompt_ids = np.asarray(prompt_ids, np.int32).reshape(-1)
-  check_lengths(config, prompt_ids, num_tokens, chunk_tokens)
+  check_lengths(config, prompt_ids, num_tokens, chunk_tokens, strategy)
   chunk_tokens = min(chunk_tokens or num_tokens, num_tokens)
   stats = stats if stats is not None else GenerationStats(strategy)
   if temperature == 0:  # greedy decoding ignores top_k and top_p; without them it runs the
     top_k = top_p = None  # program that the memory check compiles (one compilation, not two)
   decoder = lcsm_jax.Decoder(params, config, strategy, max_length=prompt_ids.size + num_tokens - 1,
-                             tau=tau, check_memory=check_memory, donate_state=True)
+                             tau=tau, check_memory=check_memory, donate_state=True,
+                             distilled=distilled)
   decoder.engine(1)  # resolves tau='auto' now, outside the timings
   with CompileTimer() as timer:  # the memory of the run's largest call, a full chunk
     decoder.check_request(1, prompt_ids.size, chunk_tokens,
@@ -166,9 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "the range jax.random.key accepts. Without 64-bit JAX (JAX_ENABLE_X64) "
                       "only its low 32 bits count: seeds that differ by a multiple of 2**32 "
                       "give the same text.")
-  # The exact strategies of lcsm_jax.STRATEGIES: 'modal' needs distilled filters.
-  parser.add_argument("--strategy", choices=EXACT_STRATEGIES, default="flash",
-                      help="Exact generation strategy (all give the same text).")
+  parser.add_argument("--strategy", choices=STRATEGIES, default=None,
+                      help="Generation strategy. The exact ones (" + ", ".join(EXACT_STRATEGIES)
+                      + ") all give the same text, on the original filters; 'modal' runs the "
+                      "distilled filters of a --checkpoint directory written by lcsm-distill "
+                      "(approximate, constant memory per token, may go past l_max). Default: "
+                      "modal for such a directory, flash otherwise.")
   parser.add_argument("--tau", type=common.from_parser(parse_tau), default="auto",
                       help="Flash block implementation: auto, direct, fft, pallas, or an "
                       "integer crossover (direct for blocks <= tau).")
@@ -181,13 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
                       "free (by default such a run is refused before it starts).")
   parser.add_argument("--compare_lazy", action="store_true",
                       help="Also generate with the lazy strategy and the same seed; report "
-                      "whether the text is identical and the speed-up.")
+                      "whether the text is identical and the speed-up (exact strategies "
+                      "only).")
+  parser.add_argument("--compare_exact", action="store_true",
+                      help="With modal: also generate exactly (flash, same seed and options) "
+                      "and report on one line the tokens equal until the first difference and "
+                      "the mean per-step KL(exact || modal) of the next-token distributions "
+                      "along the modal text (softmax of the logits at temperature 1).")
   return parser
 
 
 def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConfig,
                         tokenizer: Tokenizer, prompt_ids: np.ndarray, strategy: str,
-                        out: TextIO | None, err: TextIO) -> tuple[np.ndarray, GenerationStats]:
+                        out: TextIO | None, err: TextIO, distilled: Any = None
+                        ) -> tuple[np.ndarray, GenerationStats]:
   """Runs `generate_chunks`; writes the prompt and the text to `out` (None: silent), progress
   to `err` when `out` is not a terminal and there are several chunks. The prompt is written with
   the first chunk, so that a run refused before it starts (memory) prints nothing on `out`."""
@@ -201,7 +231,8 @@ def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConf
                                chunk_tokens=args.chunk_tokens, strategy=strategy,
                                temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, tau=args.tau,
-                               check_memory=not args.no_memory_check, stats=stats):
+                               check_memory=not args.no_memory_check, distilled=distilled,
+                               stats=stats):
     chunks.append(chunk)
     if out is not None:
       out.write(head + decode(chunk, False))
@@ -216,22 +247,145 @@ def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConf
   return np.concatenate(chunks), stats
 
 
+# -- Distilled filters and the exact-vs-modal comparison. --------------------------------------
+
+def choose_strategy(requested: str | None, checkpoint: str | None) -> tuple[str, bool]:
+  """(strategy, whether the checkpoint holds distilled filters): `requested`, or by default
+  'modal' for a directory with distilled filters and 'flash' otherwise.
+
+  Raises:
+    ValueError: 'modal' asked for a checkpoint without distilled filters.
+  """
+  distilled_here = checkpoint is not None and has_distilled(checkpoint)
+  strategy = requested if requested is not None else ("modal" if distilled_here else "flash")
+  if strategy == "modal" and not distilled_here:
+    where = "the shipped byte-level LM has" if checkpoint is None else f"{checkpoint} holds"
+    raise ValueError(f"--strategy modal runs distilled filters, and {where} none; make them "
+                     "with lcsm-distill (--order N or --tol T) --out DIR and pass "
+                     "--checkpoint DIR.")
+  return strategy, distilled_here
+
+
+def describe_distilled(distilled: Any) -> str:
+  """'order N, median relative l2 tap error E' from the filters and their stored report."""
+  overall = distilled.report.get("overall", {})
+  median = overall.get("rel_l2", {}).get("p50")
+  error = f"{median:.3g}" if median is not None else "unknown (no report stored)"
+  return f"order {distilled.order}, median relative l2 tap error {error}"
+
+
+def next_token_kl(exact_logits: np.ndarray, modal_logits: np.ndarray) -> np.ndarray:
+  """KL(exact || modal) per row of next-token logits (N, V) (softmax at temperature 1),
+  computed in float64: (N,) >= 0."""
+  log_p = _log_softmax(np.asarray(exact_logits, np.float64))
+  log_q = _log_softmax(np.asarray(modal_logits, np.float64))
+  return np.maximum(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1), 0.0)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
+  """The first index where token sequences (N,) differ, or None when they are equal."""
+  differ = np.flatnonzero(np.asarray(a) != np.asarray(b))
+  return int(differ[0]) if differ.size else None
+
+
+def sequence_kl(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, tokens: np.ndarray,
+                distilled: Any, tau: str | int, check_memory: bool) -> np.ndarray:
+  """KL(exact || modal) (N,) of the next-token distributions of the N tokens (N,) after the
+  prompt (P,): both models score prompt + tokens[:-1] (`teacher_forced_logits`, exact with
+  flash on the original filters, modal on `distilled`); step j compares the distributions
+  token j was drawn from (position P - 1 + j), over the real vocabulary."""
+  ids = np.concatenate([prompt_ids, tokens[:-1]]).astype(np.int32)[None]
+  prompt_length = prompt_ids.size
+  vocab = config.vocab_size
+  exact = lcsm_jax.teacher_forced_logits(params, config, ids, prompt_length=prompt_length,
+                                         strategy=EXACT_REFERENCE, tau=tau,
+                                         check_memory=check_memory)
+  modal = lcsm_jax.teacher_forced_logits(params, config, ids, prompt_length=prompt_length,
+                                         strategy="modal", distilled=distilled,
+                                         check_memory=check_memory)
+  steps = slice(prompt_length - 1, None)
+  return next_token_kl(np.asarray(exact[0, steps, :vocab]), np.asarray(modal[0, steps, :vocab]))
+
+
+def agreement_line(modal_tokens: np.ndarray, exact_tokens: np.ndarray, kl: np.ndarray) -> str:
+  """One greppable line: `compare_exact: equal_tokens=E/N first_difference=I|none
+  mean_kl=K max_kl=M ...`."""
+  index = first_difference(modal_tokens, exact_tokens)
+  equal = modal_tokens.size if index is None else index
+  return (f"compare_exact: equal_tokens={equal}/{modal_tokens.size} "
+          f"first_difference={'none' if index is None else index} mean_kl={kl.mean():.6g} "
+          f"max_kl={kl.max():.6g} (tokens of modal and {EXACT_REFERENCE} with the same seed, "
+          "equal until the first difference (0-based); KL(exact || modal) in nats of the "
+          "next-token distributions along the modal text, softmax at temperature 1)")
+
+
+def _compare_exact(args: argparse.Namespace, params: Any, config: HyenaConfig,
+                   tokenizer: Tokenizer, prompt_ids: np.ndarray, tokens: np.ndarray,
+                   stats: GenerationStats, distilled: Any, err: TextIO) -> None:
+  """Runs the exact strategy like the modal run and prints the agreement to `err`."""
+  exact_tokens, exact_stats = _generate_and_print(args, params, config, tokenizer, prompt_ids,
+                                                  EXACT_REFERENCE, None, err)
+  print(exact_stats.summary(), file=err)
+  kl = sequence_kl(params, config, prompt_ids, tokens, distilled, args.tau,
+                   not args.no_memory_check)
+  speedup = exact_stats.run_s / stats.run_s if stats.run_s > 0 else float("inf")
+  print(f"modal speed-up over {EXACT_REFERENCE}: {speedup:.2f}x (compile time not counted)",
+        file=err)
+  print(agreement_line(tokens, exact_tokens, kl), file=err, flush=True)
+
+
+def _check_comparisons(args: argparse.Namespace, strategy: str, config: HyenaConfig,
+                       prompt_ids: np.ndarray) -> None:
+  """Raises ValueError for a comparison that does not fit the run (before any text)."""
+  exact = strategy_class(strategy).exact
+  if args.compare_exact and exact:
+    raise ValueError(f"--compare_exact compares the approximate modal strategy with the exact "
+                     f"one; the strategy here is {strategy}, exact already (it needs a "
+                     "--checkpoint directory with distilled filters, from lcsm-distill).")
+  if args.compare_lazy and not exact:
+    raise ValueError(f"--compare_lazy checks an exact strategy against lazy (identical text); "
+                     f"{strategy} is approximate: use --compare_exact.")
+  if args.compare_exact:
+    try:
+      check_lengths(config, prompt_ids, args.num_tokens, args.chunk_tokens, EXACT_REFERENCE)
+    except ValueError as e:
+      raise ValueError(f"--compare_exact also runs {EXACT_REFERENCE}, exact, which cannot go "
+                       f"past l_max: {e}") from None
+
+
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   """Loads the model, streams the text to `out`, reports to `err`. Returns the exit code."""
   config, params, description = load_checkpoint(args.checkpoint)
+  strategy, distilled_here = choose_strategy(args.strategy, args.checkpoint)
   tokenizer = tokenizer_for(config)
   prompt = tokenizer.default_prompt if args.prompt is None else args.prompt
   prompt_ids = tokenizer.encode(prompt)
-  check_lengths(config, prompt_ids, args.num_tokens, args.chunk_tokens)
+  check_lengths(config, prompt_ids, args.num_tokens, args.chunk_tokens, strategy)
+  _check_comparisons(args, strategy, config, prompt_ids)
+  distilled = load_distilled(args.checkpoint) if strategy == "modal" else None
   print(f"{PROG}: {description} (vocabulary {config.vocab_size}, {tokenizer.name}, "
-        f"l_max {config.l_max}); strategy {args.strategy}, seed {args.seed}", file=err,
+        f"l_max {config.l_max}); strategy {strategy}, seed {args.seed}", file=err,
         flush=True)
-  tokens, stats = _generate_and_print(args, params, config, tokenizer, prompt_ids,
-                                      args.strategy, out, err)
+  if distilled is not None:
+    print(f"{PROG}: strategy modal on the distilled filters of {args.checkpoint} "
+          f"({describe_distilled(distilled)}): approximate", file=err, flush=True)
+  elif distilled_here:
+    print(f"{PROG}: {args.checkpoint} holds distilled filters; strategy {strategy} runs exactly "
+          "on the original filters", file=err, flush=True)
+  tokens, stats = _generate_and_print(args, params, config, tokenizer, prompt_ids, strategy,
+                                      out, err, distilled)
   print(stats.summary(), file=err)
+  if args.compare_exact:
+    _compare_exact(args, params, config, tokenizer, prompt_ids, tokens, stats, distilled, err)
+    return 0
   if not args.compare_lazy:
     return 0
-  if args.strategy == "lazy":
+  if strategy == "lazy":
     print("--compare_lazy: the strategy is already lazy; nothing to compare.", file=err)
     return 0
   lazy_tokens, lazy_stats = _generate_and_print(args, params, config, tokenizer, prompt_ids,
@@ -239,8 +393,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   print(lazy_stats.summary(), file=err)
   identical = np.array_equal(tokens, lazy_tokens)
   speedup = lazy_stats.run_s / stats.run_s if stats.run_s > 0 else float("inf")
-  print(f"lazy text identical to {args.strategy}: {'yes' if identical else 'NO'}; "
-        f"{args.strategy} speed-up over lazy: {speedup:.2f}x (compile time not counted)",
+  print(f"lazy text identical to {strategy}: {'yes' if identical else 'NO'}; "
+        f"{strategy} speed-up over lazy: {speedup:.2f}x (compile time not counted)",
         file=err)
   return 0 if identical else EXIT_MISMATCH
 
@@ -249,11 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of `lcsm-generate`; `argv` without the program name (default sys.argv[1:]).
 
   Returns the exit code:
-    0: success.
+    0: success (--compare_exact reports differences but does not change it: modal is
+      approximate).
     1: --compare_lazy found different text.
     2: bad usage or input: one line `lcsm-generate: error: ...` on stderr, no traceback
       (options, the seed's range included, are checked before anything goes to stdout; so is
-      the run's memory).
+      the run's memory). Among them: --strategy modal, or --compare_exact, without distilled
+      filters; --compare_exact past l_max (the exact run cannot go there); --compare_lazy
+      with modal.
     130 (128 + SIGINT): interrupted (Ctrl-C); `lcsm-generate: interrupted` on stderr. Called
       from the main thread, the process ends at once, by os._exit, without returning (see
       `common.ctrl_c_exits_at_once` for why). Nothing printed is lost: stdout is flushed
