@@ -25,6 +25,7 @@ from lcsm_jax import models
 from lcsm_jax import validation
 from lcsm_jax.decoding import memory
 from lcsm_jax.decoding import sampling
+from lcsm_jax.decoding import sharding as sharding_lib
 from lcsm_jax.decoding.engine import Engine, EngineState
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.session import Session
@@ -219,6 +220,14 @@ class Decoder(Session):
     donate_state: `generate` and `score` reuse the buffers of the state they are given for the
       state they return (half the peak memory of a long generation); the given state must not
       be used again. Off by default, so that a state can be continued several ways.
+    mesh: a `jax.sharding.Mesh` to generate on (default: one device). Batch rows are split
+      over its data axis and channels over its model axis: the parameters by the model's
+      `param_partition`, the tables and every state by the strategy's layouts; the long
+      convolutions' mixing runs on each device's shards (`jax.shard_map`, no communication),
+      the model's step under jit as XLA partitions it. Batches must be multiples of the data
+      axis' size and the model's width of the model axis' (ValueError otherwise).
+    mesh_axes: (data axis, model axis): the mesh's axis names for batch rows and channels
+      (default ("data", "model"); None: not split).
 
   Raises:
     ValueError, TypeError: parameters that do not fit the config (named), non-finite
@@ -227,14 +236,17 @@ class Decoder(Session):
 
   def __init__(self, params, config, strategy: str = "flash", max_length: int | None = None,
                options: EngineOptions | None = None, *, distilled: Any = None,
-               check_finite: bool = True, donate_state: bool = False, **engine_options):
+               check_finite: bool = True, donate_state: bool = False,
+               mesh: jax.sharding.Mesh | None = None,
+               mesh_axes: tuple[str | None, str | None] = ("data", "model"), **engine_options):
     model = models.online_model(config)
     model.check_params(params)
     if check_finite:
       validation.check_finite(params)
     super().__init__(params, model, strategy, max_length,
                      EngineOptions.create(options, **engine_options),
-                     aux=getattr(distilled, "filters", distilled))
+                     aux=getattr(distilled, "filters", distilled),
+                     sharding=sharding_lib.create(mesh, mesh_axes))
     self.config = config
     self.donate_state = bool(donate_state)
     self.signature = DecoderSignature(model, strategy, self.max_length)
@@ -253,8 +265,9 @@ class Decoder(Session):
     """
     prompt = validation.check_token_ids(prompt_ids, self.config, name="prompt_ids",
                                         allow_empty=True, max_length=self.prompt_limit)
-    prompt = jnp.asarray(prompt)
     static = self._prefill_static(prompt.shape[0], return_logits)
+    prompt = (jnp.asarray(prompt) if self.sharding is None else
+              sharding_lib.place(self.sharding, prompt, sharding_lib.ROWS))
     compiled = self.compiled(_PROGRAMS["prefill"], static, self.params,
                              self.abstract_tables(), prompt)
     self.check_memory(lambda: {**self.table_parts(), "prefill (state included)":
@@ -412,6 +425,7 @@ class Decoder(Session):
 
   def _continue(self, kind: str, static: dict, state: DecodeState, inputs, advice: str):
     program = _PROGRAMS[f"{kind}_donating" if self.donate_state else kind]
+    inputs = self.put(inputs)
     compiled = self.compiled(program, static, self.params, self.tables, state, inputs)
     self.check_memory(lambda: {kind: memory.program_bytes(compiled)}, advice)
     return compiled(self.params, self.tables, state, inputs)

@@ -7,6 +7,11 @@ and runs of online positions. Its functions are traced inside the compiled progr
 Positions are numbered from 0; after a prompt of P positions the state covers positions
 [0, position), and online position r is absolute position P + r. The strategy's state is sized
 for the engine's `max_length` = P + M positions.
+
+With a `sharding` (a device mesh), the tables and states are pinned to their layouts (batch rows
+on the data axis, channels on the model axis), and a channel-local strategy's `init`, `pending`
+and `update` run on each device's shards (`decoding.sharding.local`); the model's prefill and
+step run under jit as XLA partitions them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
+from lcsm_jax.decoding import sharding as sharding_lib
 from lcsm_jax.decoding.interfaces import IO, Emit, Feed, Steps, Strategy
 from lcsm_jax.models.interface import OnlineModel, Params, Prefill
 
@@ -51,18 +57,45 @@ class Engine:
     model: the model's online adapter (`models.interface.OnlineModel`).
     strategy: a configured strategy (`decoding.strategies.create`).
     max_length: T, the positions the tables and states are sized for (<= model.max_length).
+    sharding: the device mesh and its axes (`decoding.sharding.Sharding`), or None (one
+      device).
   """
 
   model: OnlineModel
   strategy: Strategy
   max_length: int
+  sharding: sharding_lib.Sharding | None = None
+
+  def local(self, fn, in_layouts: tuple, out_layout: Any):
+    """`fn` on each device's shards (`decoding.sharding.local`); `fn` itself on one device."""
+    return sharding_lib.local(self.sharding, fn, in_layouts, out_layout)
+
+  def state_layout(self, state: EngineState) -> EngineState:
+    """Logical PartitionSpecs of an engine state (`state` may be abstract)."""
+    carry = getattr(self.model, "carry_partition", lambda carry: sharding_lib.REPLICATED)
+    return EngineState(carry(state.carry), self.strategy.state_layout(state.strategy),
+                       sharding_lib.REPLICATED, prompt_length=state.prompt_length)
+
+  def constrain_state(self, state: EngineState) -> EngineState:
+    """`state` pinned to its layout on the mesh (no-op on one device)."""
+    if self.sharding is None:
+      return state
+    return sharding_lib.constrain(self.sharding, state, self.state_layout(state))
 
   def prepare(self, params: Params, aux: Any = None) -> EngineTables:
     """Filters of `max_length` taps (one, for strategies that do not need them) and the
     strategy's tables (`aux`: its extra inputs)."""
     taps, diagonal = self.model.filters(params, self.max_length if self.strategy.needs_taps
                                         else 1)
-    return EngineTables(self.strategy.prepare(taps, aux), self.model.constants(params, diagonal))
+    if self.sharding is not None and self.strategy.channel_local:
+      prepare = lambda t, a: self.strategy.prepare(t, a)
+      layout = self.strategy.table_layout(jax.eval_shape(prepare, taps, aux))
+      tables = self.local(prepare, (sharding_lib.TAPS, self.strategy.aux_layout(aux)),
+                          layout)(taps, aux)
+    else:
+      tables = self.strategy.prepare(taps, aux)
+    tables = sharding_lib.constrain(self.sharding, tables, self.strategy.table_layout(tables))
+    return EngineTables(tables, self.model.constants(params, diagonal))
 
   def prefill(self, params: Params, tables: EngineTables, prompt: Array
               ) -> tuple[Array | None, EngineState]:
@@ -78,9 +111,18 @@ class Engine:
     else:
       conv_inputs = jnp.zeros((0, self.model.num_streams, batch, self.model.width), jnp.float32)
       prefill = Prefill(None, conv_inputs, self.model.initial_carry(params, batch))
-    state = self.strategy.init(tables.strategy, prompt, prefill, self.max_length - length)
-    return prefill.outputs, EngineState(prefill.carry, state, jnp.asarray(length, jnp.int32),
-                                        prompt_length=length)
+    num_steps = self.max_length - length
+    if self.sharding is not None and self.strategy.channel_local:
+      init = lambda t, c: self.strategy.init(t, None, Prefill(None, c, None), num_steps)
+      state = self.local(init, (self.strategy.table_layout(tables.strategy),
+                                sharding_lib.TIME_MAJOR),
+                         self.strategy.state_layout(jax.eval_shape(
+                             init, tables.strategy, prefill.conv_inputs)))(
+                                 tables.strategy, prefill.conv_inputs)
+    else:
+      state = self.strategy.init(tables.strategy, prompt, prefill, num_steps)
+    return prefill.outputs, self.constrain_state(
+        EngineState(prefill.carry, state, jnp.asarray(length, jnp.int32), prompt_length=length))
 
   def run(self, params: Params, tables: EngineTables, state: EngineState, count, io: IO,
           feed: Feed, emit: Emit) -> tuple[EngineState, IO]:
@@ -91,8 +133,9 @@ class Engine:
     steps = Steps(step=lambda carry, x, pending: self.model.step(params, tables.constants,
                                                                  carry, x, pending),
                   forward=lambda inputs: self.model.forward(params, inputs), feed=feed,
-                  emit=emit)
+                  emit=emit, local=self.local)
     strategy_state, carry, io = self.strategy.run(
         tables.strategy, state.strategy, steps, state.carry, io, state.position - length,
         count, self.max_length - length)
-    return EngineState(carry, strategy_state, state.position + count, length), io
+    return self.constrain_state(
+        EngineState(carry, strategy_state, state.position + count, length)), io

@@ -13,7 +13,12 @@ from the output at r). `start` and `count` may be traced; M is static. Strategie
 the convolutions' state and call the model's step derive from `strategies.base.MixingStrategy`,
 which supplies `run`; others (recompute) drive the model themselves. `strategies.base.
 StrategyBase` gives the defaults of the optional members (`needs_taps`, `unbounded`,
-`check_aux`, `prefill_taps`).
+`check_aux`, `prefill_taps`, `aux_layout`).
+
+On a device mesh (`decoding.sharding`), a strategy says which axes of its tables and state hold
+batch rows and channels (`table_layout`, `state_layout`: logical PartitionSpecs); the engine
+places them, and a `MixingStrategy` runs its `init`, `pending` and `update` on local shards
+(`Steps.local`), so that their code sees only its own rows and channels.
 
 S streams, B batch rows, D channels, P prompt positions, T = P + M.
 """
@@ -32,6 +37,13 @@ State = Any   # a strategy's per-sequence state
 IO = Any      # what the caller threads through the loop (tokens, logits, outputs ...)
 Feed = Callable[[IO, Array], Array]        # (io, r) -> the model's input at online position r
 Emit = Callable[[IO, Array, Array], IO]    # (io, r, output at r) -> io
+# (fn, logical layouts of fn's arguments, of its result) -> fn run on each device's shards
+Local = Callable[[Callable, tuple, Any], Callable]
+
+
+def unsharded(fn: Callable, in_layouts: tuple, out_layout: Any) -> Callable:
+  """The `Local` of one device: `fn` itself."""
+  return fn
 
 
 class Steps(NamedTuple):
@@ -41,6 +53,7 @@ class Steps(NamedTuple):
   forward: Callable[[Array], Array]  # inputs (B, L, ...) -> outputs (B, L, ...), in parallel
   feed: Feed
   emit: Emit
+  local: Local = unsharded  # on a mesh: runs channel-independent mixing on local shards
 
 
 @runtime_checkable
@@ -72,3 +85,9 @@ class Strategy(Protocol):
   def run(self, tables: Tables, state: State, steps: Steps, carry: Carry, io: IO, start,
           count, num_steps: int) -> tuple[State, Carry, IO]:
     """Online positions start .. start + count - 1."""
+
+  def table_layout(self, tables: Tables) -> Any:
+    """Logical PartitionSpecs of `tables` (a prefix of its pytree)."""
+
+  def state_layout(self, state: State) -> Any:
+    """Logical PartitionSpecs of a state (a prefix of its pytree; `state` may be abstract)."""

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lcsm_jax.decoding import memory
+from lcsm_jax.decoding import sharding as sharding_lib
 from lcsm_jax.decoding.engine import Engine, EngineState
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.session import Session
@@ -29,9 +30,13 @@ class RolloutState:
   last: Array  # (B, D) the latest output: the next input
 
 
+_LAST = sharding_lib.ROW_CHANNELS  # the layout of the latest output (B, D)
+
+
 def _prefill(params, tables, prompt, *, engine: Engine):
   outputs, state = engine.prefill(params, tables, prompt)
-  return outputs, RolloutState(state, outputs[:, -1].astype(jnp.float32))
+  last = sharding_lib.constrain(engine.sharding, outputs[:, -1].astype(jnp.float32), _LAST)
+  return outputs, RolloutState(state, last)
 
 
 def _run(params, tables, state: RolloutState, *, engine: Engine, num_steps: int):
@@ -48,7 +53,7 @@ def _run(params, tables, state: RolloutState, *, engine: Engine, num_steps: int)
 
   engine_state, (outputs, last) = engine.run(params, tables, state.engine, num_steps,
                                              (outputs, state.last), feed, emit)
-  return outputs, RolloutState(engine_state, last)
+  return outputs, RolloutState(engine_state, sharding_lib.constrain(engine.sharding, last, _LAST))
 
 
 _PREFILL = jax.jit(_prefill, static_argnames=("engine",))
@@ -59,14 +64,19 @@ _RUN_DONATING = jax.jit(_run, static_argnames=("engine", "num_steps"), donate_ar
 class Rollout(Session):
   """A vector model (`models.interface.OnlineModel`) rolled out with any strategy; the
   arguments are those of `Session`, and donate_state: `run` reuses the buffers of the state it
-  is given for the state it returns (as `Decoder`'s; the given state must not be used again)."""
+  is given for the state it returns (as `Decoder`'s; the given state must not be used again);
+  mesh, mesh_axes: as `Decoder`'s (a `jax.sharding.Mesh`; batch rows on its data axis,
+  channels on its model axis)."""
 
   def __init__(self, params: Any, model: OnlineModel, strategy: str = "flash",
                max_length: int | None = None, options: EngineOptions | None = None, *,
-               distilled: Any = None, donate_state: bool = False, **engine_options):
+               distilled: Any = None, donate_state: bool = False,
+               mesh: jax.sharding.Mesh | None = None,
+               mesh_axes: tuple[str | None, str | None] = ("data", "model"), **engine_options):
     super().__init__(params, model, strategy, max_length,
                      EngineOptions.create(options, **engine_options),
-                     aux=getattr(distilled, "filters", distilled))
+                     aux=getattr(distilled, "filters", distilled),
+                     sharding=sharding_lib.create(mesh, mesh_axes))
     self.donate_state = bool(donate_state)
     self._run_program = _RUN_DONATING if self.donate_state else _RUN
 
@@ -79,6 +89,8 @@ class Rollout(Session):
                        f"{self.model.width}), got {prompt.shape}.")
     static = dict(engine=self.engine(prompt.shape[0]))
     tables = self.tables
+    if self.sharding is not None:
+      prompt = sharding_lib.place(self.sharding, prompt, sharding_lib.ROWS)
     compiled = self.compiled(_PREFILL, static, self.params, tables, prompt)
     self.check_memory(lambda: {"prefill (state included)": memory.program_bytes(compiled)},
                       "use a smaller batch or max_length")
@@ -121,9 +133,12 @@ class Rollout(Session):
 
 def rollout(params: Any, model: OnlineModel, prompt, num_steps: int, *,
             strategy: str = "flash", options: EngineOptions | None = None,
-            distilled: Any = None, **engine_options) -> Array:
+            distilled: Any = None, mesh: jax.sharding.Mesh | None = None,
+            mesh_axes: tuple[str | None, str | None] = ("data", "model"),
+            **engine_options) -> Array:
   """Runs `model` over `prompt` (B, P, D), P >= 1, then `num_steps` positions feeding each
-  output back as the next input. Returns all outputs (B, P + num_steps, D)."""
+  output back as the next input (on `mesh`, if given). Returns all outputs
+  (B, P + num_steps, D)."""
   prompt = jnp.asarray(prompt, jnp.float32)
   if prompt.ndim != 3:
     raise ValueError(f"prompt must have shape (batch, length, {model.width}), got "
@@ -131,8 +146,8 @@ def rollout(params: Any, model: OnlineModel, prompt, num_steps: int, *,
   total = prompt.shape[1] + num_steps
   if total > model.max_length and distilled is None:
     raise ValueError(f"length {total} exceeds the model's max_length = {model.max_length}.")
-  session = Rollout(params, model, strategy, total, options, distilled=distilled,
-                    **engine_options)
+  session = Rollout(params, model, strategy, total, options, distilled=distilled, mesh=mesh,
+                    mesh_axes=mesh_axes, **engine_options)
   outputs, state = session.prefill(prompt)
   if not num_steps:
     return outputs

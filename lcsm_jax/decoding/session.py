@@ -1,7 +1,9 @@
 """What every decoding front end shares (`Decoder` for language models, `Rollout` for models
 that feed their output back): parameters on the device, filter tables computed once, one
 `Engine` per batch size (tau='auto' resolved there, explicitly), compiled programs kept by
-signature, and memory checks before anything runs.
+signature, and memory checks before anything runs. On a device mesh (`sharding`), the Session
+places the parameters and the strategy's extra inputs by their layouts (`decoding.sharding`),
+and every compiled program is specialised on its arguments' shardings.
 """
 
 from __future__ import annotations
@@ -13,22 +15,33 @@ import jax
 import numpy as np
 
 from lcsm_jax.decoding import memory
+from lcsm_jax.decoding import sharding as sharding_lib
 from lcsm_jax.decoding import strategies
 from lcsm_jax.decoding.engine import Engine, EngineTables
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.models.interface import OnlineModel, Params
 from lcsm_jax.tuning import crossover as crossover_lib
 
+def _placement(x: Any) -> Any:
+  """A leaf's sharding when it spans several devices (else None: the default device)."""
+  sharding = getattr(x, "sharding", None)
+  if sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return None
+  return sharding
+
+
 def signature(tree: Any) -> tuple:
-  """A hashable description of a pytree's structure, shapes and dtypes."""
+  """A hashable description of a pytree's structure, shapes, dtypes and (on a mesh)
+  shardings."""
   leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((tuple(np.shape(x)), x.dtype) for x in leaves)
+  return treedef, tuple((tuple(np.shape(x)), x.dtype, _placement(x)) for x in leaves)
 
 
 def abstract(sig: tuple) -> Any:
   """The `jax.ShapeDtypeStruct` pytree of a `signature`."""
   treedef, leaves = sig
-  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d, sharding=p)
+                                      for s, d, p in leaves])
 
 
 @functools.lru_cache(maxsize=256)
@@ -64,13 +77,19 @@ class Session:
     prompt_limit: the longest prompt (the model's parallel prefill stops at its max_length).
     options: the engine's options.
     aux: the strategy's extra inputs (e.g. distilled filters), or None.
+    sharding: the device mesh and its axes (`decoding.sharding.Sharding`), or None: one
+      device. Parameters go to the mesh by the model's `param_partition` (replicated if it
+      has none); batches must divide over the data axis, the model's width over the model axis.
   """
 
   def __init__(self, params: Params, model: OnlineModel, strategy: str = "flash",
                max_length: int | None = None, options: EngineOptions | None = None,
-               aux: Any = None):
+               aux: Any = None, sharding: sharding_lib.Sharding | None = None):
     cls = strategies.strategy_class(strategy)  # a clear error for unknown names
     cls.check_aux(aux, model)
+    if sharding is not None:
+      sharding.check(width=model.width)
+    self.sharding = sharding
     self.model = model
     self.strategy = strategy
     self.options = options if options is not None else EngineOptions()
@@ -85,12 +104,15 @@ class Session:
           f"max_length must be an integer >= 1, got {max_length!r}.")
     self.max_length = int(max_length)
     self.prompt_limit = min(self.max_length, model.max_length)
-    self.params = jax.device_put(params)
-    self.aux = aux
+    self._table_engine = Engine(model, strategies.create(strategy, self.options),
+                                self.max_length, sharding)
+    partition = getattr(model, "param_partition", lambda params: sharding_lib.REPLICATED)
+    self.params = sharding_lib.place(sharding, params,
+                                     partition(params) if sharding else None)
+    self.aux = aux if aux is None else sharding_lib.place(
+        sharding, aux, self._table_engine.strategy.aux_layout(aux) if sharding else None)
     self._tables: EngineTables | None = None
     self._engines: dict[int, Engine] = {}
-    self._table_engine = Engine(model, strategies.create(strategy, self.options),
-                                self.max_length)
 
   # -- tables and engines --
 
@@ -104,23 +126,27 @@ class Session:
     return self._tables
 
   def abstract_tables(self) -> EngineTables:
-    """The tables if built, else their shapes (`jax.ShapeDtypeStruct`s; nothing runs)."""
-    if self._tables is not None:
-      return self._tables
+    """The tables if built, else their shapes (`jax.ShapeDtypeStruct`s; nothing runs). On a
+    mesh the tables are built (their shardings are part of every program's signature)."""
+    if self._tables is not None or self.sharding is not None:
+      return self.tables
     return self.shapes(_prepare, dict(engine=self._table_engine), self.params, self.aux)
 
   def engine(self, batch: int) -> Engine:
     """The engine for batches of `batch` rows. tau='auto' is resolved here, once per batch
     size: the direct/FFT crossover for the block width S x batch x D is read from this
-    machine's cache, or measured once (a few seconds, logged) and cached (`lcsm_jax.tuning`)."""
+    machine's cache, or measured once (a few seconds, logged) and cached (`lcsm_jax.tuning`).
+    On a mesh, a batch that does not divide over the data axis is refused (ValueError)."""
     if batch not in self._engines:
+      if self.sharding is not None:
+        self.sharding.check(batch=batch)
       crossover = pallas_max = None
       if strategies.needs_crossover(self.strategy, self.options):
         crossover = crossover_lib.crossover(self.model.num_streams * batch * self.model.width)
         pallas_max = crossover_lib.pallas_crossover()
       strategy = strategies.create(self.strategy, self.options, crossover=crossover,
                                    pallas_max=pallas_max)
-      self._engines[batch] = Engine(self.model, strategy, self.max_length)
+      self._engines[batch] = Engine(self.model, strategy, self.max_length, self.sharding)
     return self._engines[batch]
 
   # -- compiled programs --
@@ -133,7 +159,23 @@ class Session:
     """The output shapes of fn(*args, **static) (`shapes_of`, kept per signature)."""
     return shapes_of(fn, tuple(sorted(static.items())), signature(args))
 
+  def put(self, tree: Any) -> Any:
+    """On a mesh: `tree` with every leaf not yet on the mesh replicated over it; on one
+    device, `tree` as it is."""
+    if self.sharding is None:
+      return tree
+    mesh, replicated = self.sharding.mesh, self.sharding.named(sharding_lib.REPLICATED)
+
+    def put_leaf(x):
+      placed = getattr(x, "sharding", None)
+      if isinstance(placed, jax.sharding.NamedSharding) and placed.mesh == mesh:
+        return x
+      return jax.device_put(x, replicated)
+
+    return jax.tree.map(put_leaf, tree)
+
   def _run(self, program: Callable, static: Mapping[str, Any], *args) -> Any:
+    args = self.put(args)
     return self.compiled(program, static, *args)(*args)
 
   # -- memory --

@@ -14,9 +14,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from lcsm_jax import convolution
-from lcsm_jax.models.interface import Prefill
+from lcsm_jax.models.interface import CHANNELS, Prefill
 
 Array = jax.Array
 Params = dict[str, Array]
@@ -47,6 +48,13 @@ class ConvStack:
     taps = jax.random.normal(k_taps, shape) * jnp.exp(-rates * t) / jnp.sqrt(self.l_max / decay)
     skip = jax.random.normal(k_skip, (self.num_layers, self.width))
     return {"taps": taps.astype(jnp.float32), "skip": skip.astype(jnp.float32)}
+
+  def param_partition(self, params: Params) -> dict[str, PartitionSpec]:
+    """Taps (M, l_max, D) and skip terms (M, D): channels on CHANNELS."""
+    return {"taps": PartitionSpec(None, None, CHANNELS), "skip": PartitionSpec(None, CHANNELS)}
+
+  def carry_partition(self, carry: tuple) -> tuple:
+    return ()
 
   def filters(self, params: Params, length: int) -> tuple[Array, Array]:
     taps = jnp.swapaxes(params["taps"][:, :length], 0, 1)  # (T, M, D)

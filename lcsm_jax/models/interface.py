@@ -9,6 +9,11 @@ sequence lives in the strategy's state; the model keeps only a small `carry` (e.
 short-convolution windows).
 
 Shapes: B batch rows, P prompt positions, S streams, D channels, T positions in all.
+
+On a device mesh (`decoding.sharding`), a model family may say which axes of its parameters and
+carry hold channels or batch rows: `param_partition(params)` and `carry_partition(carry)`
+return pytrees (prefixes of the arrays') of logical `PartitionSpec`s whose entries are BATCH,
+CHANNELS or None. Both are optional: without them, parameters and carry are replicated.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ Array = jax.Array
 Params = Any     # a model's parameter pytree
 Carry = Any      # a model's own per-sequence state besides the long convolutions
 Constants = Any  # what the step reads besides `params`, computed once outside the token loop
+
+BATCH = "batch"        # logical partition name: an axis of batch rows
+CHANNELS = "channels"  # logical partition name: an axis of channels (split over a mesh's model axis)
 
 
 class Prefill(NamedTuple):
@@ -67,6 +75,10 @@ class OnlineModel(Protocol):
            pending: Array) -> tuple[Carry, Array, Array]:
     """One position: input x (B, ...) and pending outputs (S, B, D) ->
     (carry, this position's long-convolution inputs (S, B, D), output (B, ...))."""
+
+  # Optional (see the module docstring):
+  # def param_partition(self, params: Params) -> Any: logical PartitionSpecs of the parameters
+  # def carry_partition(self, carry: Carry) -> Any: logical PartitionSpecs of the carry
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar
 import jax
 from jax import lax
 
+from lcsm_jax.decoding import sharding
 from lcsm_jax.decoding.interfaces import IO, State, Steps, Tables
 from lcsm_jax.models.interface import Carry, OnlineModel
 
@@ -55,6 +56,8 @@ class StrategyBase:
 
   needs_taps: ClassVar[bool] = True   # prepare reads the model's filters for every position
   unbounded: ClassVar[bool] = False   # sequences may grow past the model's filter length
+  channel_local: ClassVar[bool] = False  # init reads only prefill.conv_inputs, and init,
+                                         # pending and update treat rows and channels apart
 
   @classmethod
   def check_aux(cls, aux: Any, model: OnlineModel) -> None:
@@ -68,10 +71,18 @@ class StrategyBase:
     None (the model's own)."""
     return None
 
+  def aux_layout(self, aux: Any) -> Any:
+    """Logical PartitionSpecs of `aux` (default: replicated)."""
+    return sharding.REPLICATED
+
 
 class MixingStrategy(StrategyBase):
   """Base of the strategies that keep the long convolutions' state and call the model's step:
-  they define `pending` and `update`, and inherit `run`."""
+  they define `pending` and `update`, and inherit `run`. Their `init` reads only
+  `prefill.conv_inputs`, and `init`, `pending` and `update` treat batch rows and channels
+  independently: on a mesh they run on each device's shards (`Steps.local`)."""
+
+  channel_local: ClassVar[bool] = True
 
   def pending(self, tables: Tables, state: State, r) -> Array:
     """(S, B, D): the contributions of all positions before online position r."""
@@ -89,8 +100,12 @@ class MixingStrategy(StrategyBase):
       io = steps.emit(io, r, output)
       return (carry, io, steps.feed(io, r + 1)), inputs
 
+    tables_in, state_in = self.table_layout(tables), self.state_layout(state)
+    pending = steps.local(lambda t, s, r: self.pending(t, s, r),
+                          (tables_in, state_in, sharding.REPLICATED), sharding.STREAMS)
+    update = steps.local(lambda t, s, r, a: self.update(t, s, r, a, num_steps),
+                         (tables_in, state_in, sharding.REPLICATED, sharding.STREAMS), state_in)
     state, (carry, io, _) = token_loop(
-        step, lambda s, r: self.pending(tables, s, r),
-        lambda s, r, a: self.update(tables, s, r, a, num_steps), state,
-        (carry, io, steps.feed(io, start)), start, count)
+        step, lambda s, r: pending(tables, s, r), lambda s, r, a: update(tables, s, r, a),
+        state, (carry, io, steps.feed(io, start)), start, count)
     return state, carry, io

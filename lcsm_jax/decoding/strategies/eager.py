@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcsm_jax.decoding import prompt as prompt_lib
+from lcsm_jax.decoding import sharding
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.strategies import base
 from lcsm_jax.models.interface import Prefill
@@ -42,6 +43,12 @@ class Eager(base.MixingStrategy):
   def prepare(self, taps: Array, aux: Any = None) -> EagerTables:
     pad = jnp.zeros((self.chunk,) + taps.shape[1:], jnp.float32)
     return EagerTables(jnp.concatenate([taps.astype(jnp.float32), pad]))
+
+  def table_layout(self, tables: EagerTables) -> EagerTables:
+    return EagerTables(sharding.TAPS)
+
+  def state_layout(self, state: EagerState) -> EagerState:
+    return EagerState(sharding.TIME_MAJOR)
 
   def init(self, tables: EagerTables, prompt: Array, prefill: Prefill,
            num_steps: int) -> EagerState:

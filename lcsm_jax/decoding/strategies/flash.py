@@ -18,6 +18,7 @@ from jax import lax
 from lcsm_jax.decoding import blocks as blocks_lib
 from lcsm_jax.decoding import prompt as prompt_lib
 from lcsm_jax.decoding import schedule
+from lcsm_jax.decoding import sharding
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.strategies import base
 from lcsm_jax.models.interface import Prefill
@@ -97,6 +98,12 @@ class Flash(base.MixingStrategy):
 
   def prepare(self, taps: Array, aux: Any = None) -> FlashTables:
     return FlashTables(taps, blocks_lib.spectra_for(taps, self.spectrum_sizes(taps.shape[0])))
+
+  def table_layout(self, tables: FlashTables) -> FlashTables:
+    return FlashTables(sharding.TAPS, {size: sharding.SPECTRA for size in tables.spectra})
+
+  def state_layout(self, state: FlashState) -> FlashState:
+    return FlashState(*(sharding.TIME_MAJOR,) * 4)
 
   def init(self, tables: FlashTables, prompt: Array, prefill: Prefill,
            num_steps: int) -> FlashState:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lcsm_jax.decoding import sharding
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.strategies import base
 from lcsm_jax.models.interface import Prefill
@@ -56,6 +57,12 @@ class Lazy(base.MixingStrategy):
   def prepare(self, taps: Array, aux: Any = None) -> LazyTables:
     pad = jnp.zeros((self.chunk,) + taps.shape[1:], jnp.float32)
     return LazyTables(jnp.concatenate([taps[::-1].astype(jnp.float32), pad]))
+
+  def table_layout(self, tables: LazyTables) -> LazyTables:
+    return LazyTables(sharding.TAPS)
+
+  def state_layout(self, state: LazyState) -> LazyState:
+    return LazyState(sharding.TIME_MAJOR, sharding.REPLICATED)
 
   def init(self, tables: LazyTables, prompt: Array, prefill: Prefill,
            num_steps: int) -> LazyState:

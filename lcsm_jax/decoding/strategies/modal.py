@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcsm_jax import convolution
+from lcsm_jax.decoding import sharding
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.strategies import base
 from lcsm_jax.distillation.modal import ModalFilters, powers
@@ -117,6 +118,16 @@ class Modal(base.MixingStrategy):
   def prepare(self, taps: Array, aux: Any = None) -> ModalTables:
     return ModalTables(jnp.asarray(aux.poles, jnp.complex64),
                        jnp.asarray(aux.residues, jnp.complex64), taps[0])
+
+  def aux_layout(self, aux: Any) -> Any:
+    return jax.tree.map(lambda x: sharding.SPECTRA if jnp.ndim(x) >= 2 else sharding.REPLICATED,
+                        aux)
+
+  def table_layout(self, tables: ModalTables) -> ModalTables:
+    return ModalTables(sharding.SPECTRA, sharding.SPECTRA, sharding.SPECTRA)
+
+  def state_layout(self, state: ModalState) -> ModalState:
+    return ModalState(sharding.STATES)
 
   def prefill_taps(self, tables: ModalTables, length: int) -> Array:
     # tap 0 is the model's own h[0], as in the steps' diagonal

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcsm_jax.decoding.interfaces import IO, Steps
+from lcsm_jax.decoding import sharding
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.strategies import base
 from lcsm_jax.models.interface import Carry, Prefill
@@ -40,6 +41,12 @@ class Recompute(base.StrategyBase):
 
   def prepare(self, taps: Array, aux: Any = None) -> tuple:
     return ()
+
+  def table_layout(self, tables: tuple) -> tuple:
+    return ()
+
+  def state_layout(self, state: RecomputeState) -> RecomputeState:
+    return RecomputeState(sharding.ROWS, sharding.REPLICATED)
 
   def init(self, tables: tuple, prompt: Array, prefill: Prefill,
            num_steps: int) -> RecomputeState:

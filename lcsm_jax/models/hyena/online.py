@@ -14,12 +14,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from lcsm_jax.models.hyena import params as params_lib
 from lcsm_jax.models.hyena.config import HyenaConfig
 from lcsm_jax.models.hyena.model import HyenaLM
 from lcsm_jax.models.hyena.modules import HyenaBlock
-from lcsm_jax.models.interface import Prefill
+from lcsm_jax.models.interface import BATCH, CHANNELS, Prefill
 
 Array = jax.Array
 Params = Any
@@ -63,6 +64,33 @@ class HyenaOnline:
 
   def check_params(self, params: Params) -> None:
     params_lib.check_params_match(self.config, params)
+
+  def param_partition(self, params: Params) -> Params:
+    """Logical PartitionSpecs of `params` (same pytree): the d_model axis of every parameter
+    on CHANNELS (the embedding's columns, LayerNorms, the input axis of in_proj, out_proj and
+    fc1, the output axis of fc2, the implicit filter's output layer); the (order + 1) D axes
+    of in_proj's output and the short convolution, and the filter MLP's hidden layers, are
+    replicated (small, or split into chunks of D that a contiguous split would cut across)."""
+    channel_axis = {
+        ("embedder", "embedding"): 1, ("ln_f", "scale"): 0, ("ln_f", "bias"): 0,
+        ("norm1", "scale"): 1, ("norm1", "bias"): 1, ("norm2", "scale"): 1,
+        ("norm2", "bias"): 1, ("in_proj", "kernel"): 1, ("out_proj", "kernel"): 1,
+        ("fc1", "kernel"): 1, ("fc2", "kernel"): 2, ("fc2", "bias"): 1,
+        ("output", "kernel"): 2, ("filter", "bias"): 1, ("filter", "deltas"): 1,
+    }
+
+    def spec(path, x):
+      keys = tuple(getattr(k, "key", str(k)) for k in path)
+      axis = channel_axis.get(keys[-2:])
+      if axis is None or axis >= x.ndim:
+        return PartitionSpec()
+      return PartitionSpec(*(CHANNELS if i == axis else None for i in range(x.ndim)))
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+  def carry_partition(self, carry: Array) -> PartitionSpec:
+    """The short-convolution windows (n_layer, B, K - 1, (order + 1) D): rows on BATCH."""
+    return PartitionSpec(None, BATCH)
 
   def _blocks(self, params: Params) -> Params:
     return params["params"]["stack"]["blocks"]
