@@ -78,6 +78,53 @@ def from_parser(parse: Callable[[str], T]) -> Callable[[str], T]:
   return convert
 
 
+MESH_AXES = ("data", "model")
+
+
+def mesh_shape(value: str) -> tuple[tuple[str, int], ...]:
+  """An argparse type: a device mesh `data=2,model=4` -> (("data", 2), ("model", 4)); the
+  axes are 'data' (batch rows) and 'model' (channels), each at most once, sizes >= 1."""
+  axes = []
+  for part in value.split(","):
+    name, sep, size = part.strip().partition("=")
+    if not sep or name not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
+      raise argparse.ArgumentTypeError(
+          f"expected axis=size pairs separated by commas, the axes among {MESH_AXES} and the "
+          f"sizes >= 1 (e.g. data=2,model=4), got {value!r}")
+    if name in dict(axes):
+      raise argparse.ArgumentTypeError(f"axis {name!r} given twice in {value!r}")
+    axes.append((name, int(size)))
+  return tuple(axes)
+
+
+def set_host_devices(count: int) -> None:
+  """Makes JAX's CPU backend expose `count` devices (`jax_num_cpu_devices`); must run before JAX
+  starts its backends (ValueError otherwise)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError as e:
+    raise ValueError(f"--host_devices {count}: JAX has already started ({e}).") from None
+
+
+def make_mesh(axes: Sequence[tuple[str, int]]):
+  """The `jax.sharding.Mesh` of `mesh_shape` axes over the first devices of `jax.devices()`
+  (both axes present, a missing one of size 1). ValueError naming the numbers when there are
+  not enough devices, with how to get more host CPU devices."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  sizes = dict(axes)
+  shape = tuple(sizes.get(name, 1) for name in MESH_AXES)
+  needed, devices = math.prod(shape), jax.devices()
+  if needed > len(devices):
+    raise ValueError(
+        f"--mesh {','.join(f'{n}={s}' for n, s in zip(MESH_AXES, shape))} needs {needed} "
+        f"devices, but JAX sees {len(devices)} ({devices[0].platform}); on CPU, pass "
+        f"--host_devices {needed} or set XLA_FLAGS=--xla_force_host_platform_device_count="
+        f"{needed} before the command starts.")
+  return jax.sharding.Mesh(np.asarray(devices[:needed]).reshape(shape), MESH_AXES)
+
+
 # -- The entry point. ------------------------------------------------------------------------------
 
 def run_main(prog: str, parser: argparse.ArgumentParser,

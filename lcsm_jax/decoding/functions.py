@@ -21,6 +21,8 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
              return_logits: bool = False, gumbel_noise=None, row_keys=None,
              on_token: Callable[[int, np.ndarray], None] | None = None,
              distilled: Any = None, check_finite: bool = True,
+             mesh: jax.sharding.Mesh | None = None,
+             mesh_axes: tuple[str | None, str | None] = ("data", "model"),
              options: EngineOptions | None = None, **engine_options) -> GenerationOutput:
   """Samples `num_tokens` tokens after `prompt_ids` from a Hyena language model, exactly.
 
@@ -52,6 +54,8 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
       sequence may then outgrow l_max.
     check_finite: refuse parameters holding NaN or infinity (one pass over the parameters,
       outside the token loop).
+    mesh, mesh_axes: generate on a device mesh, batch rows on its data axis and channels on
+      its model axis (see `Decoder`); the batch must divide over the data axis.
     options, **engine_options: `EngineOptions` (tau, layer_parallel, ..., check_memory).
 
   Returns:
@@ -70,7 +74,9 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
     raise ValueError(f"prompt length {length} + num_tokens {num_tokens} - 1 = {total} exceeds "
                      f"the model's maximum length l_max = {config.l_max}.")
   decoder = Decoder(params, config, strategy, max_length=total, options=options,
-                    distilled=distilled, check_finite=check_finite, donate_state=True)
+                    distilled=distilled, check_finite=check_finite, donate_state=True,
+                    mesh=mesh, mesh_axes=mesh_axes)
+  decoder.engine(batch)  # on a mesh: a batch that does not divide is refused here
   decoder.check_request(batch, length, num_tokens,
                         advice="reduce the batch size or the number of tokens")
   state = decoder.prefill(prompt)
@@ -83,15 +89,16 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
 
 def teacher_forced_logits(params: Any, config, token_ids, *, prompt_length: int = 0,
                           strategy: str = "flash", distilled: Any = None,
-                          check_finite: bool = True, options: EngineOptions | None = None,
-                          **engine_options) -> Array:
+                          check_finite: bool = True, mesh: jax.sharding.Mesh | None = None,
+                          mesh_axes: tuple[str | None, str | None] = ("data", "model"),
+                          options: EngineOptions | None = None, **engine_options) -> Array:
   """Feeds given tokens one position at a time and returns the logits of every position.
 
   The first `prompt_length` tokens go through one parallel prefill, the rest through the
   engine of `strategy` (`Decoder.score`); the result equals the parallel forward
   `HyenaLM(config).apply` (with strategy='modal', the forward with the distilled filters:
-  `HyenaLM(config).apply(params, ids, taps=...)`). `distilled`, `check_finite` and the options
-  are as in `generate`.
+  `HyenaLM(config).apply(params, ids, taps=...)`). `distilled`, `check_finite`, `mesh`,
+  `mesh_axes` and the options are as in `generate`.
 
   Returns:
     (B, L, padded_vocab) float32.
@@ -104,7 +111,9 @@ def teacher_forced_logits(params: Any, config, token_ids, *, prompt_length: int 
     raise ValueError(f"prompt_length must be an integer in [0, {total}], got {prompt_length!r}.")
   prompt_length = int(prompt_length)
   decoder = Decoder(params, config, strategy, max_length=total, options=options,
-                    distilled=distilled, check_finite=check_finite, donate_state=True)
+                    distilled=distilled, check_finite=check_finite, donate_state=True,
+                    mesh=mesh, mesh_axes=mesh_axes)
+  decoder.engine(batch)  # on a mesh: a batch that does not divide is refused here
   decoder.check_request(batch, prompt_length,
                         advice="score fewer or shorter sequences at a time")
   logits, state = decoder.prefill(tokens[:, :prompt_length], return_logits=True)
