@@ -231,3 +231,15 @@ def test_memory_estimates_run_nothing(params):
   # flash keeps rings of 2^(K-1) rows for M = 35 online positions: 32 rows of (S, B, D)
   assert state.engine.strategy.inputs.shape == (32, 2, 3, 8)
   assert decoder._tables is None  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.0),
+                                     dict(temperature=0.7, top_k=5),
+                                     dict(temperature=1.0, top_p=0.9, eos_id=3)])
+def test_the_memory_check_compiles_the_program_that_then_runs(params, options):
+  decoder = decoding.Decoder(params, CONFIG, "flash", max_length=40, **ENGINE)
+  decoder.check_request(2, 5, 12, advice="", **options)
+  compiled = decoding.session.compile_program.cache_info().misses
+  state = decoder.prefill(PROMPTS[:2, :5])
+  decoder.generate(state, 12, jax.random.key(1), **options)
+  assert decoding.session.compile_program.cache_info().misses == compiled

@@ -123,8 +123,9 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
   `lcsm_jax.generate(..., num_tokens, jax.random.key(seed)).tokens[0]`. chunk_tokens 0 means
   one call. The run's memory is checked before the first chunk (so before anything is
   printed). `distilled` (`lcsm_jax.distill` or `io.load_distilled`) is what strategy 'modal'
-  runs on; modal may go past `config.l_max`. `stats` (if given) accumulates tokens, calls and timings; resolving tau='auto'
-  (measuring this machine's crossover once, if not cached) is not timed.
+  runs on; modal may go past `config.l_max`. `stats` (if given) accumulates tokens, calls
+  and timings; resolving tau='auto' (measuring this machine's crossover once, if not cached)
+  is not timed. The memory check compiles the program the full chunks then run.
 
   Raises:
     ValueError: a prompt that does not fit `config.l_max` with `num_tokens`, bad sampling
@@ -135,14 +136,15 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
   check_lengths(config, prompt_ids, num_tokens, chunk_tokens, strategy)
   chunk_tokens = min(chunk_tokens or num_tokens, num_tokens)
   stats = stats if stats is not None else GenerationStats(strategy)
-  if temperature == 0:  # greedy decoding ignores top_k and top_p; without them it runs the
-    top_k = top_p = None  # program that the memory check compiles (one compilation, not two)
+  if temperature == 0:  # greedy decoding ignores top_k and top_p
+    top_k = top_p = None
   decoder = lcsm_jax.Decoder(params, config, strategy, max_length=prompt_ids.size + num_tokens - 1,
                              tau=tau, check_memory=check_memory, donate_state=True,
                              distilled=distilled)
   decoder.engine(1)  # resolves tau='auto' now, outside the timings
   with CompileTimer() as timer:  # the memory of the run's largest call, a full chunk
-    decoder.check_request(1, prompt_ids.size, chunk_tokens,
+    decoder.check_request(1, prompt_ids.size, chunk_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p,
                           advice="ask for fewer tokens or use a shorter prompt")
   stats.compile_s += timer.seconds
   key = jax.random.key(seed)

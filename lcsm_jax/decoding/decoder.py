@@ -369,11 +369,15 @@ class Decoder(Session):
                        self.abstract_tables(), prompt)[0]
 
   def estimate_memory(self, batch: int, prompt_length: int, num_tokens: int | None = None, *,
-                      score_tokens: int | None = None) -> dict[str, int]:
+                      score_tokens: int | None = None, temperature: float = 0.0,
+                      top_k: int | None = None, top_p: float | None = None,
+                      eos_id: int | None = None, return_logits: bool = False
+                      ) -> dict[str, int]:
     """Bytes a run would need, by XLA's analysis of its compiled programs (compiled from shapes
     only; nothing runs): the parameters, the filter tables (unless already built) with their
     computation, the prefill program (the state included), and, when given, the generation of
-    `num_tokens` tokens (greedy, no logits returned) and the scoring of `score_tokens`."""
+    `num_tokens` tokens with the given sampling options (as `generate` with one `key`: the
+    compiled program is the one such a call then runs) and the scoring of `score_tokens`."""
     prompt = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32)
     tables = self.abstract_tables()
     prefill = self.compiled(_PROGRAMS["prefill"], self._prefill_static(batch, False),
@@ -383,10 +387,15 @@ class Decoder(Session):
     state = self.state_shape(batch, prompt_length) if num_tokens or score_tokens else None
     suffix = "_donating" if self.donate_state else ""
     if num_tokens is not None:
-      sampler = _Sampler(None, None, jnp.float32(1), jnp.float32(1), None)
+      greedy = sampling.check_temperature(temperature) == 0
+      key = None if greedy else jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+      scalar = jax.ShapeDtypeStruct((), jnp.float32)
+      eos = None if eos_id is None else jax.ShapeDtypeStruct((), jnp.int32)
+      sampler = _Sampler(key, None, scalar, scalar, eos)
       static = dict(engine=self.engine(batch),
-                    config=sampling.SamplingConfig(self.model.vocab_size, greedy=True),
-                    num_tokens=num_tokens, return_logits=False, on_token=None)
+                    config=sampling.SamplingConfig(self.model.vocab_size, greedy, top_k,
+                                                   top_p is not None),
+                    num_tokens=num_tokens, return_logits=bool(return_logits), on_token=None)
       parts["generation"] = memory.program_bytes(self.compiled(
           _PROGRAMS["generate" + suffix], static, self.params, tables, state, sampler))
     if score_tokens is not None:
@@ -397,11 +406,12 @@ class Decoder(Session):
     return parts
 
   def check_request(self, batch: int, prompt_length: int, num_tokens: int | None = None, *,
-                    advice: str) -> None:
+                    advice: str, **sampling_options) -> None:
     """Refuses, before anything runs, a request whose memory (`estimate_memory` without the
-    parameters, which are already in memory) exceeds what is available."""
+    parameters, which are already in memory) exceeds what is available; `sampling_options`
+    (temperature, top_k, top_p, eos_id, return_logits) as for `estimate_memory`."""
     if self.options.check_memory:
-      parts = self.estimate_memory(batch, prompt_length, num_tokens)
+      parts = self.estimate_memory(batch, prompt_length, num_tokens, **sampling_options)
       parts.pop("parameters")
       self.check_memory(parts, advice)
 
