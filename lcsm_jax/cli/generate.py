@@ -4,6 +4,7 @@
   lcsm-generate --num_tokens 1000 --compare_lazy
   lcsm-generate --checkpoint path/to/hyenadna --prompt ACGTACGT --num_tokens 500
   lcsm-generate --checkpoint distilled_dir --num_tokens 300 --compare_exact
+  lcsm-generate --host_devices 8 --mesh data=2,model=4 --num_tokens 200
 
 The text goes to stdout as it is generated; timings, progress and errors go to stderr. One
 `lcsm_jax.Decoder` prefills the prompt, then continues its state by `--chunk_tokens` tokens per
@@ -18,6 +19,12 @@ strategies run on the original filters); modal may generate past the model's l_m
 `--compare_exact` then also runs flash with the same seed and reports the agreement on one
 line: the tokens equal until the first difference, and the mean per-step KL(exact || modal)
 of the next-token distributions along the modal text (`compare_exact`).
+
+`--mesh data=2,model=4` generates on a device mesh (`lcsm_jax.Decoder(mesh=...)`): channels
+split over the model axis; the one prompt is repeated over the data axis (the copies are
+computed and dropped: row 0, whose tokens are those of one device, is printed). On CPU,
+`--host_devices N` (or XLA_FLAGS=--xla_force_host_platform_device_count=N in the environment)
+makes JAX expose N host devices; a mesh larger than the devices JAX sees is an error (exit 2).
 """
 
 from __future__ import annotations
@@ -114,7 +121,8 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, tau: str | int = "auto",
                     check_memory: bool = True, distilled: Any = None,
-                    stats: GenerationStats | None = None) -> Iterator[np.ndarray]:
+                    stats: GenerationStats | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> Iterator[np.ndarray]:
   """Yields the `num_tokens` tokens after `prompt_ids` (P,) in chunks of ids (<= chunk_tokens,).
 
   One `lcsm_jax.Decoder` sized for P + num_tokens - 1 positions prefills the prompt; every
@@ -125,7 +133,9 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
   printed). `distilled` (`lcsm_jax.distill` or `io.load_distilled`) is what strategy 'modal'
   runs on; modal may go past `config.l_max`. `stats` (if given) accumulates tokens, calls
   and timings; resolving tau='auto' (measuring this machine's crossover once, if not cached)
-  is not timed. The memory check compiles the program the full chunks then run.
+  is not timed. The memory check compiles the program the full chunks then run. On a `mesh`
+  (axes 'data' and 'model'), the prompt is repeated over the data axis and row 0 is yielded
+  (the same tokens as on one device).
 
   Raises:
     ValueError: a prompt that does not fit `config.l_max` with `num_tokens`, bad sampling
@@ -140,16 +150,17 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
     top_k = top_p = None
   decoder = lcsm_jax.Decoder(params, config, strategy, max_length=prompt_ids.size + num_tokens - 1,
                              tau=tau, check_memory=check_memory, donate_state=True,
-                             distilled=distilled)
-  decoder.engine(1)  # resolves tau='auto' now, outside the timings
+                             distilled=distilled, mesh=mesh)
+  rows = 1 if mesh is None else int(mesh.shape["data"])
+  decoder.engine(rows)  # resolves tau='auto' now, outside the timings
   with CompileTimer() as timer:  # the memory of the run's largest call, a full chunk
-    decoder.check_request(1, prompt_ids.size, chunk_tokens, temperature=temperature,
+    decoder.check_request(rows, prompt_ids.size, chunk_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p,
                           advice="ask for fewer tokens or use a shorter prompt")
   stats.compile_s += timer.seconds
   key = jax.random.key(seed)
   with stats.timing():
-    state = decoder.prefill(prompt_ids[None])
+    state = decoder.prefill(np.repeat(prompt_ids[None], rows, axis=0))
   for start in range(0, num_tokens, chunk_tokens):
     num = min(chunk_tokens, num_tokens - start)
     with stats.timing():
@@ -201,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Tokens per generate call, printed as each call returns (the "
                       "decoder's state is continued; each distinct chunk size compiles once); "
                       "0: one call.")
+  parser.add_argument("--mesh", type=common.mesh_shape, default=None,
+                      help="Generate on a device mesh, e.g. data=2,model=4: channels split over "
+                      "the model axis (it must divide d_model), the prompt repeated over the "
+                      "data axis (row 0 printed). Needs data x model devices (--host_devices).")
+  parser.add_argument("--host_devices", type=common.int_at_least(1), default=None,
+                      help="Make JAX's CPU backend expose this many devices (jax_num_cpu_devices;"
+                      " the same as XLA_FLAGS=--xla_force_host_platform_device_count=N).")
   parser.add_argument("--no_memory_check", action="store_true",
                       help="Run even when the estimated memory exceeds what this machine has "
                       "free (by default such a run is refused before it starts).")
@@ -234,7 +252,7 @@ def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConf
                                temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, tau=args.tau,
                                check_memory=not args.no_memory_check, distilled=distilled,
-                               stats=stats):
+                               stats=stats, mesh=getattr(args, "device_mesh", None)):
     chunks.append(chunk)
     if out is not None:
       out.write(head + decode(chunk, False))
@@ -362,6 +380,9 @@ def _check_comparisons(args: argparse.Namespace, strategy: str, config: HyenaCon
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   """Loads the model, streams the text to `out`, reports to `err`. Returns the exit code."""
+  if args.host_devices is not None:  # before anything starts JAX's backends
+    common.set_host_devices(args.host_devices)
+  args.device_mesh = None if args.mesh is None else common.make_mesh(args.mesh)
   config, params, description = load_checkpoint(args.checkpoint)
   strategy, distilled_here = choose_strategy(args.strategy, args.checkpoint)
   tokenizer = tokenizer_for(config)
