@@ -153,6 +153,15 @@ def _all_finite_on_device(arrays: list[jax.Array]) -> list[jax.Array]:
   return [jnp.all(jnp.isfinite(x)) for x in arrays]
 
 
+def _host_finite(array: np.ndarray) -> bool:
+  """False when a floating-point host array holds NaN or inf (one min and one max)."""
+  if not is_float(array.dtype) or array.size == 0:
+    return True
+  if array.dtype not in (np.float16, np.float32, np.float64, np.longdouble):
+    array = array.astype(np.float32)  # bfloat16: NumPy's reductions need a native float
+  return bool(np.isfinite(array.min()) and np.isfinite(array.max()))  # NaN propagates
+
+
 def non_finite_paths(params: Any) -> list[str]:
   """The paths ('/'-joined, e.g. 'params/ln_f/scale') of every floating-point array in
   `params` that holds a NaN or an infinity, in tree order; [] when all are finite.
@@ -175,12 +184,12 @@ def non_finite_paths(params: Any) -> list[str]:
       if is_float(leaf.dtype):
         on_device.append((name, leaf))
       continue
-    array = np.asarray(leaf)
-    if not is_float(array.dtype) or array.size == 0:
+    if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1:
+      # on a host-device mesh: each shard this process holds, never the gathered array
+      if any(not _host_finite(np.asarray(shard.data)) for shard in leaf.addressable_shards):
+        bad.append(name)
       continue
-    if array.dtype not in (np.float16, np.float32, np.float64, np.longdouble):
-      array = array.astype(np.float32)  # bfloat16: NumPy's reductions need a native float
-    if not (np.isfinite(array.min()) and np.isfinite(array.max())):  # NaN propagates
+    if not _host_finite(np.asarray(leaf)):
       bad.append(name)
   if on_device:
     finite = jax.device_get(_all_finite_on_device([leaf for _, leaf in on_device]))

@@ -4,6 +4,7 @@ own with 8 host CPU devices (the device count is fixed when JAX starts its backe
   python tests/mesh_checks.py exactness 2,4   # tokens and logits vs one device, every strategy
   python tests/mesh_checks.py rollout         # ConvStack through Rollout, functions, errors
   python tests/mesh_checks.py hlo             # collectives in the compiled programs
+  python tests/mesh_checks.py load            # a checkpoint loaded straight into its shards
 
 Each prints what it checked and exits non-zero on the first failure (an AssertionError with the
 numbers). Sizes are tiny so that compilation dominates.
@@ -209,6 +210,113 @@ def hlo() -> None:
   assert not big, f"collectives on state-sized arrays in the LM's generation: {big}"
 
 
+def load() -> None:
+  """`io.load_params(path, mesh)` builds every array on the mesh by the model's param_partition,
+  each device reading only its slice (every get_slice read recorded); the arrays equal the plain
+  load; Decoder(mesh=) keeps them where they are (same arrays, no copy) and generates one
+  device's tokens; a non-finite slice is refused by name."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import safetensors  # pylint: disable=import-outside-toplevel
+  from lcsm_jax import io  # pylint: disable=import-outside-toplevel
+  from lcsm_jax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
+  params, _ = lm()
+  mesh = mesh_of((2, 4))
+  with tempfile.TemporaryDirectory() as tmp:
+    io.save_params(tmp, CONFIG, params)
+    _, plain = io.load_params(tmp)
+    reads = collections.defaultdict(list)  # name -> shapes of the slices read
+    original = safetensors.safe_open
+
+    class Recording:
+      """safe_open whose get_slice records the shape of every slice read."""
+
+      def __init__(self, *args, **kwargs):
+        self.inner = original(*args, **kwargs)
+
+      def __enter__(self):
+        self.file = self.inner.__enter__()
+        return self
+
+      def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+      def __getattr__(self, name):
+        return getattr(self.file, name)
+
+      def get_slice(self, name):
+        piece = self.file.get_slice(name)
+
+        class Slice:
+          def __getitem__(self, index):
+            block = piece[index]
+            reads[name].append(block.shape)
+            return block
+
+          def __getattr__(self, attr):
+            return getattr(piece, attr)
+
+        return Slice()
+
+    safetensors.safe_open = Recording
+    try:
+      config, sharded = io.load_params(tmp, mesh)
+    finally:
+      safetensors.safe_open = original
+    want = dict(jax.tree_util.tree_leaves_with_path(plain))
+    split = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(sharded):
+      name = "/".join(k.key for k in path)
+      assert isinstance(x, jax.Array) and np.array_equal(np.asarray(x), want[path]), name
+      spec = tuple(x.sharding.spec)
+      shard = x.sharding.shard_shape(x.shape)
+      assert reads[name] and all(tuple(s) == shard for s in reads[name]), \
+          f"{name}: read {reads[name]}, shard {shard}"
+      assert len(reads[name]) <= len(jax.devices()), f"{name}: {len(reads[name])} reads"
+      for s in x.addressable_shards:
+        assert np.array_equal(np.asarray(s.data), np.asarray(want[path])[s.index]), name
+      if "model" in spec:
+        split += 1
+        assert shard != x.shape, f"{name}: spec {spec}, shard {shard}"
+    total = sum(np.prod(s) for shapes in reads.values() for s in shapes)
+    largest = sum(np.prod(x.shape) for x in jax.tree.leaves(plain))
+    print(f"ok load: {split} parameters split over 'model', each device read its slice "
+          f"({total} elements read in all by 8 devices, model {largest})", flush=True)
+
+    decoder = lcsm_jax.Decoder(sharded, config, "flash", MAX_LENGTH, mesh=mesh, **ENGINE)
+    same = all(a is b or all(p.data.unsafe_buffer_pointer() == q.data.unsafe_buffer_pointer()
+                             for p, q in zip(a.addressable_shards, b.addressable_shards))
+               for a, b in zip(jax.tree.leaves(decoder.params), jax.tree.leaves(sharded)))
+    assert same, "Decoder(mesh=) copied parameters that were already on the mesh"
+    one = lcsm_jax.Decoder(plain, CONFIG, "flash", MAX_LENGTH, **ENGINE)
+    prompt = np.asarray(jax.random.randint(jax.random.key(1), (8, 5), 0, CONFIG.vocab_size))
+    got, _ = decoder.generate(decoder.prefill(prompt), 6, temperature=0)
+    ref, _ = one.generate(one.prefill(prompt), 6, temperature=0)
+    assert np.array_equal(got.tokens, ref.tokens), "tokens differ after a sharded load"
+    print("ok Decoder(mesh=) keeps the loaded shards in place; tokens equal", flush=True)
+
+    config_again, via_detect, _ = io.load_checkpoint(tmp, mesh)
+    assert config_again == config and all(
+        x.sharding == y.sharding for x, y in zip(jax.tree.leaves(via_detect),
+                                                 jax.tree.leaves(sharded)))
+    bad = jax.tree.map(np.array, plain)
+    bad["params"]["ln_f"]["bias"][-1] = np.nan  # in the last model shard only
+    io.save_params(tmp + "/ok", CONFIG, plain)
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    from flax import traverse_util  # pylint: disable=import-outside-toplevel
+    weights = tmp + "/ok/params.safetensors"
+    with original(weights, framework="np") as f:
+      metadata = f.metadata()
+    save_file({k: np.asarray(v) for k, v in traverse_util.flatten_dict(bad, sep="/").items()},
+              weights, metadata=metadata)
+    try:
+      io.load_params(tmp + "/ok", mesh)
+    except CheckpointError as e:
+      assert "params/ln_f/bias" in str(e), e
+      print(f"ok refused: {e}", flush=True)
+    else:
+      raise AssertionError("a NaN in one shard was not refused")
+
+
 if __name__ == "__main__":
   assert len(jax.devices()) == 8, jax.devices()
   check = sys.argv[1]
@@ -218,6 +326,8 @@ if __name__ == "__main__":
     rollout()
   elif check == "hlo":
     hlo()
+  elif check == "load":
+    load()
   else:
     raise SystemExit(f"unknown check {check!r}")
   print("all ok")

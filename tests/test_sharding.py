@@ -53,6 +53,12 @@ def test_no_collectives_in_the_mixing():
   assert out.count("tables 0") == 5
 
 
+def test_checkpoint_loads_straight_into_its_shards():
+  out = run_checks("load")
+  assert "each device read its slice" in out and "keeps the loaded shards in place" in out
+  assert "ok refused" in out
+
+
 def test_cli_generates_on_a_mesh_the_text_of_one_device():
   base = ["-m", "lcsm_jax.cli", "--num_tokens", "12", "--temperature", "0",
           "--prompt", "def f(x):", "--tau", "16", "--chunk_tokens", "5"]

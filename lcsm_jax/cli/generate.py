@@ -383,7 +383,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   if args.host_devices is not None:  # before anything starts JAX's backends
     common.set_host_devices(args.host_devices)
   args.device_mesh = None if args.mesh is None else common.make_mesh(args.mesh)
-  config, params, description = load_checkpoint(args.checkpoint)
+  config, params, description = load_checkpoint(args.checkpoint, args.device_mesh)
   strategy, distilled_here = choose_strategy(args.strategy, args.checkpoint)
   tokenizer = tokenizer_for(config)
   prompt = tokenizer.default_prompt if args.prompt is None else args.prompt

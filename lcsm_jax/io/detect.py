@@ -5,15 +5,23 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import jax
+
 from lcsm_jax.io import hyenadna
 from lcsm_jax.io import native
 from lcsm_jax.io import pretrained
 from lcsm_jax.models.hyena.config import HyenaConfig
 
 
-def load_checkpoint(path: str | None) -> tuple[HyenaConfig, Any, str]:
+def load_checkpoint(path: str | None, mesh: jax.sharding.Mesh | None = None,
+                    mesh_axes: tuple[str | None, str | None] = ("data", "model")
+                    ) -> tuple[HyenaConfig, Any, str]:
   """(config, params, description): the shipped byte model (path None), a directory written by
   `native.save_params` (config.json + params.safetensors), or a HyenaDNA checkpoint.
+
+  With a `mesh`, a `save_params` directory is loaded straight into its shards
+  (`native.load_params(path, mesh, mesh_axes)`: each device reads only its slices); the other
+  formats are read whole, and `Decoder(..., mesh=)` places them.
 
   Raises:
     FileNotFoundError: nothing at `path`.
@@ -28,7 +36,7 @@ def load_checkpoint(path: str | None) -> tuple[HyenaConfig, Any, str]:
   own = location.is_dir() and (location / native.OWN_WEIGHTS).is_file() and not any(
       (location / name).exists() for name in hyenadna.WEIGHT_FILES)
   if own:
-    config, params = native.load_params(location)
+    config, params = native.load_params(location, mesh, mesh_axes)
   else:
     config, params = hyenadna.load_hyenadna(location)
   return config, params, str(path)

@@ -236,11 +236,22 @@ def read_metadata(path: PathLike) -> dict[str, str]:
   return metadata
 
 
-def load_params(path: PathLike) -> tuple[HyenaConfig, Params]:
+def load_params(path: PathLike, mesh: jax.sharding.Mesh | None = None,
+                mesh_axes: tuple[str | None, str | None] = ("data", "model")
+                ) -> tuple[HyenaConfig, Params]:
   """Reads a directory written by `save_params`, checking every array against the config.
 
+  With a `mesh`, every array is built straight into its shards (`jax.make_array_from_callback`
+  with the `NamedSharding` that the model's `param_partition` gives it through
+  `decoding.sharding`, axes named by mesh_axes = (data, model)): each device's callback reads
+  only that device's slice from the safetensors file, so no process holds the whole model (a
+  replicated parameter is read whole by each device that holds it). Shapes are checked against
+  the config from the file's header before anything is read; the finite check runs on every
+  slice read. `Decoder(params, config, mesh=mesh)` takes such parameters without moving them.
+
   Returns:
-    (config, params): the parameters as NumPy arrays in the dtypes they were saved with.
+    (config, params): without a mesh, NumPy arrays in the dtypes they were saved with; with
+    one, `jax.Array`s sharded over it.
 
   Raises:
     CheckpointError: no params.safetensors or config.json, either unreadable or malformed, a
@@ -248,22 +259,47 @@ def load_params(path: PathLike) -> tuple[HyenaConfig, Params]:
       save recorded: written by another save, or edited; checkpoints of lcsm_jax versions that
       recorded none are not checked), arrays that do not fit the config, or arrays holding
       NaN or inf (every offending parameter is named).
+    ValueError: a mesh whose axes are not mesh_axes, or whose model axis does not divide the
+      model's width.
   """
   from safetensors import safe_open
+  from lcsm_jax.decoding import sharding as sharding_lib
   path = pathlib.Path(path)
   weights = path / OWN_WEIGHTS
   if not weights.is_file():
     raise CheckpointError(f"{path} has no {OWN_WEIGHTS}.")
   config_path = path / "config.json"
+  sharding = sharding_lib.create(mesh, mesh_axes)
   with _directory_lock(path, exclusive=False):  # both files from one save, where locks work
     config_bytes = hyenadna.read_config_bytes(config_path)
     config = hyenadna.parse_config(config_path, config_bytes)
+    if sharding is not None:
+      sharding.check(width=config.d_model)
     try:
       with safe_open(str(weights), framework="np") as f:
         metadata = dict(f.metadata() or {})
-        flat = {k: f.get_tensor(k) for k in f.keys()}
+        _check_config_hash(metadata, config_bytes, config_path, weights)
+        widened = _widened(metadata, f.keys(), weights)
+        if sharding is None:
+          flat = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+          flat = _read_sharded(f, sharding, config, widened, weights)
+    except CheckpointError:
+      raise
     except Exception as e:
       raise CheckpointError(f"{weights}: not a readable safetensors file ({e}).") from None
+  if sharding is None:
+    for key in widened:
+      flat[key] = flat[key].astype(jnp.bfloat16)
+  params = traverse_util.unflatten_dict(flat, sep="/")
+  params_lib.check_params(config, params)
+  if sharding is None:  # on a mesh, every slice was checked as it was read
+    validation.check_finite(params, name=f"the parameters in {weights}")
+  return config, params
+
+
+def _check_config_hash(metadata: Mapping[str, str], config_bytes: bytes,
+                       config_path: pathlib.Path, weights: pathlib.Path) -> None:
   recorded = metadata.get(CONFIG_SHA256)
   if recorded is not None and hashlib.sha256(config_bytes).hexdigest() != recorded:
     raise CheckpointError(
@@ -272,12 +308,58 @@ def load_params(path: PathLike) -> tuple[HyenaConfig, Params]:
         f"({hashlib.sha256(config_bytes).hexdigest()[:16]}...). The two files were written "
         "by different saves (two processes saving to this directory at once, or a config.json "
         "copied or edited by hand); save the checkpoint again.")
-  for key in filter(None, metadata.get(BFLOAT16_AS_FLOAT32, "").split(",")):
-    if key not in flat:
+
+
+def _widened(metadata: Mapping[str, str], keys: Any, weights: pathlib.Path) -> list[str]:
+  """The arrays stored as float32 in place of bfloat16 (checked to exist)."""
+  keys = set(keys)
+  widened = list(filter(None, metadata.get(BFLOAT16_AS_FLOAT32, "").split(",")))
+  for key in widened:
+    if key not in keys:
       raise CheckpointError(f"{weights}: metadata lists {key!r} as bfloat16, but there is no "
                             "such array.")
-    flat[key] = flat[key].astype(jnp.bfloat16)
-  params = traverse_util.unflatten_dict(flat, sep="/")
-  params_lib.check_params(config, params)
-  validation.check_finite(params, name=f"the parameters in {weights}")
-  return config, params
+  return widened
+
+
+def _read_sharded(f: Any, sharding: Any, config: HyenaConfig, widened: list[str],
+                  weights: pathlib.Path) -> dict[str, jax.Array]:
+  """Every array of the open safetensors file `f` built on the mesh of `sharding`, each device
+  reading only its slice (`get_slice(name)[index]`). The header's shapes are checked against
+  `config` first (nothing is read if they do not fit); every slice is checked for NaN / inf."""
+  from lcsm_jax import models
+  from lcsm_jax.decoding import sharding as sharding_lib
+  abstract = {}
+  for key in f.keys():
+    piece = f.get_slice(key)
+    dtype = jnp.bfloat16 if key in widened else _NUMPY_DTYPES.get(piece.get_dtype())
+    if dtype is None:
+      raise CheckpointError(f"{weights}: {key} has dtype {piece.get_dtype()}, expected a "
+                            "floating-point array.")
+    abstract[key] = jax.ShapeDtypeStruct(tuple(piece.get_shape()), dtype)
+  tree = traverse_util.unflatten_dict(abstract, sep="/")
+  params_lib.check_params(config, tree)
+  placements = traverse_util.flatten_dict(sharding_lib.shardings(
+      sharding, tree, models.online_model(config).param_partition(tree)), sep="/")
+  non_finite = set()
+
+  def reader(key: str, dtype: Any) -> Any:
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+      piece = f.get_slice(key)
+      block = piece[index] if index else f.get_tensor(key)
+      block = np.asarray(block).astype(dtype, copy=False)
+      if block.size and not np.isfinite(block.astype(np.float32, copy=False)).all():
+        non_finite.add(key)
+      return block
+    return read
+
+  flat = {key: jax.make_array_from_callback(x.shape, placements[key], reader(key, x.dtype))
+          for key, x in abstract.items()}
+  if non_finite:
+    raise CheckpointError(f"the parameters in {weights} hold non-finite values, which would "
+                          "make every output NaN: " + ", ".join(sorted(non_finite)))
+  return flat
+
+
+# safetensors' dtype names (PySafeSlice.get_dtype) of the floating-point arrays it reads.
+_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64,
+                 "BF16": jnp.bfloat16}
