@@ -96,8 +96,12 @@ LONG_CONVOLUTIONS = {"fft": causal_conv_fft, "direct": causal_conv_direct}
 
 
 @functools.cache
-def long_convolution(name: str):
-  """The long-convolution function by name: 'fft' (default) or 'direct'."""
+def long_convolution(name):
+  """The long-convolution function by name: 'fft' (default) or 'direct'; a callable
+  `(u (B, L, C), h (>= L, C)) -> (B, L, C)` is returned as it is (e.g. the FFT convolution run
+  on each device's shards, `decoding.Engine.long_conv`)."""
+  if callable(name):
+    return name
   if name not in LONG_CONVOLUTIONS:
     raise ValueError(f"unknown long convolution {name!r}; choose one of {sorted(LONG_CONVOLUTIONS)}.")
   return LONG_CONVOLUTIONS[name]

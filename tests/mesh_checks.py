@@ -155,8 +155,8 @@ def collectives(text: str) -> collections.Counter:
 
 def hlo() -> None:
   """No collective in the mixing: for the ConvStack (per-channel model, no projections) none in
-  the tables and token-loop programs of every strategy but recompute, and a long prompt (whose
-  contribution is an FFT) adds none to the prefill over a short one; for the language model
+  the tables, prefill (its FFT convolutions run on each device's shards) and token-loop
+  programs of every strategy but recompute; for the language model
   every collective is on a per-token array (B, features), never on a state or table."""
   mesh = mesh_of((2, 4))
   model = ConvStack(2, 16, 64)
@@ -183,15 +183,26 @@ def hlo() -> None:
         assert not found, f"{strategy} prompt {length}: token loop has collectives {found}"
     table_found = collectives(tables.as_text())
     assert not table_found, f"{strategy}: table program has collectives {table_found}"
-    assert counts[12] == counts[3], f"{strategy}: prefill collectives {counts}"
+    assert counts[12] == counts[3] == 0, f"{strategy}: prefill collectives {counts}"
     print(f"ok hlo ConvStack {strategy}: tables 0, token loop "
-          f"{'0' if strategy != 'recompute' else 'XLA'}, prefill {counts[3]} "
-          "(the model's parallel forward) for both prompts", flush=True)
+          f"{'0' if strategy != 'recompute' else 'XLA'}, prefill 0 (its long convolutions on "
+          "each device's shards) for both prompts", flush=True)
 
   params, _ = lm()
   decoder = lcsm_jax.Decoder(params, CONFIG, "flash", MAX_LENGTH, mesh=mesh, **ENGINE)
   state = decoder.prefill(np.zeros((8, 12), np.int32))
   decoder_lib = importlib.import_module("lcsm_jax.decoding.decoder")
+  prompt = sharding_lib.place(decoder.sharding, np.zeros((8, 12), np.int32), sharding_lib.ROWS)
+  prefill = decoder.compiled(decoder_lib._PROGRAMS["prefill"], decoder._prefill_static(8, False),  # pylint: disable=protected-access
+                             decoder.params, decoder.tables, prompt)
+  found = collectives(prefill.as_text())
+  print("LM flash prefill on (2, 4), prompt 12:",
+        {f"{kind} {shape}": n for (shape, kind), n in sorted(found.items())}, flush=True)
+  n = lcsm_jax.convolution.fft_length(2 * 12)
+  shapes = {key: next(part for part in key if "[" in part) for key in found}  # 'f32[4,12,16]'
+  spectral = {key: count for key, count in found.items()
+              if shapes[key].startswith("c") or str(n) in shapes[key][4:-1].split(",")}
+  assert not spectral, f"collectives on the LM prefill's FFT operands or spectra: {spectral}"
   sampling = importlib.import_module("lcsm_jax.decoding.sampling")
   sampler = decoder.put(decoder_lib._Sampler(None, None, jnp.float32(1), jnp.float32(1), None))  # pylint: disable=protected-access
   static = dict(engine=decoder.engine(8),

@@ -22,10 +22,12 @@ from typing import Any, NamedTuple
 from flax import struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from lcsm_jax import convolution
 from lcsm_jax.decoding import sharding as sharding_lib
 from lcsm_jax.decoding.interfaces import IO, Emit, Feed, Steps, Strategy
-from lcsm_jax.models.interface import OnlineModel, Params, Prefill
+from lcsm_jax.models.interface import BATCH, CHANNELS, OnlineModel, Params, Prefill
 
 Array = jax.Array
 
@@ -70,6 +72,29 @@ class Engine:
     """`fn` on each device's shards (`decoding.sharding.local`); `fn` itself on one device."""
     return sharding_lib.local(self.sharding, fn, in_layouts, out_layout)
 
+  def conv_options(self) -> dict[str, Any]:
+    """The model's `conv=` argument on a mesh: the FFT convolution on each device's shards
+    (batch rows and channels; no communication, where XLA under plain jit all-gathers an FFT's
+    inputs along the unsharded time axis, jax issue 15680). Empty on one device (the model's
+    own convolution)."""
+    if self.sharding is None:
+      return {}
+    rows_time_channels = PartitionSpec(BATCH, None, CHANNELS)  # u (B, L, D)
+    return {"conv": self.local(convolution.causal_conv_fft,
+                               (rows_time_channels, PartitionSpec(None, CHANNELS)),
+                               rows_time_channels)}
+
+  def _prefill_taps(self, tables: EngineTables, length: int) -> Array | None:
+    """The strategy's filters for the prefill (None: the model's own); on a mesh, a
+    channel-local strategy computes them on each device's shards (e.g. modal's taps from its
+    poles, which XLA would otherwise gather)."""
+    taps = lambda t: self.strategy.prefill_taps(t, length)
+    if (self.sharding is None or not self.strategy.channel_local
+        or jax.eval_shape(taps, tables.strategy) is None):
+      return taps(tables.strategy)
+    return self.local(taps, (self.strategy.table_layout(tables.strategy),),
+                      sharding_lib.TAPS)(tables.strategy)
+
   def state_layout(self, state: EngineState) -> EngineState:
     """Logical PartitionSpecs of an engine state (`state` may be abstract)."""
     carry = getattr(self.model, "carry_partition", lambda carry: sharding_lib.REPLICATED)
@@ -106,8 +131,8 @@ class Engine:
     """
     batch, length = prompt.shape[:2]
     if length:
-      prefill = self.model.prefill(params, prompt,
-                                   self.strategy.prefill_taps(tables.strategy, length))
+      prefill = self.model.prefill(params, prompt, self._prefill_taps(tables, length),
+                                   **self.conv_options())
     else:
       conv_inputs = jnp.zeros((0, self.model.num_streams, batch, self.model.width), jnp.float32)
       prefill = Prefill(None, conv_inputs, self.model.initial_carry(params, batch))
@@ -132,7 +157,8 @@ class Engine:
     length = state.prompt_length
     steps = Steps(step=lambda carry, x, pending: self.model.step(params, tables.constants,
                                                                  carry, x, pending),
-                  forward=lambda inputs: self.model.forward(params, inputs), feed=feed,
+                  forward=lambda inputs: self.model.forward(params, inputs,
+                                                            **self.conv_options()), feed=feed,
                   emit=emit, local=self.local)
     strategy_state, carry, io = self.strategy.run(
         tables.strategy, state.strategy, steps, state.carry, io, state.position - length,

@@ -70,14 +70,14 @@ class ConvStack:
       x = jnp.tanh(conv(x, h).astype(jnp.float32) + params["skip"][layer] * x)
     return x, inputs
 
-  def forward(self, params: Params, x: Array, taps: Array | None = None,
-              conv=convolution.causal_conv_fft) -> Array:
+  def forward(self, params: Params, x: Array, taps: Array | None = None, conv=None) -> Array:
     """The parallel forward: x (B, L, D) -> (B, L, D); taps: None, or filters (>= L, M, D) to
-    use instead of the parameters' (the skip terms stay)."""
-    return self._layers(params, x, conv, taps)[0]
+    use instead of the parameters'(the skip terms stay); conv: the causal convolution
+    (u (B, L, D), h (>= L, D)) -> (B, L, D) (None: `convolution.causal_conv_fft`)."""
+    return self._layers(params, x, conv or convolution.causal_conv_fft, taps)[0]
 
-  def prefill(self, params: Params, x: Array, taps: Array | None = None) -> Prefill:
-    x, inputs = self._layers(params, x, convolution.causal_conv_fft, taps)
+  def prefill(self, params: Params, x: Array, taps: Array | None = None, conv=None) -> Prefill:
+    x, inputs = self._layers(params, x, conv or convolution.causal_conv_fft, taps)
     return Prefill(x, jnp.moveaxis(jnp.stack(inputs), 2, 0), ())  # inputs (P, M, B, D)
 
   def constants(self, params: Params, diagonal: Array) -> Array:

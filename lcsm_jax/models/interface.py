@@ -18,7 +18,7 @@ CHANNELS or None. Both are optional: without them, parameters and carry are repl
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
 
 import jax
 
@@ -60,13 +60,18 @@ class OnlineModel(Protocol):
   def constants(self, params: Params, diagonal: Array) -> Constants:
     """What `step` reads besides `params` (e.g. per-layer weights unstacked)."""
 
-  def forward(self, params: Params, inputs: Array, taps: Array | None = None) -> Array:
+  def forward(self, params: Params, inputs: Array, taps: Array | None = None,
+              conv: Callable | None = None) -> Array:
     """The parallel forward: inputs (B, L, ...) -> outputs (B, L, ...). taps: None, or long
     filters (>= L, S, D) to use instead of the model's own (tap 0 included; skip terms stay
-    the model's), e.g. distilled ones."""
+    the model's), e.g. distilled ones. conv: None (the model's FFT convolution), or the
+    causal convolution (u (B, L, D), h (>= L, D)) -> (B, L, D) to use for every long
+    convolution (on a mesh, the engine passes one that runs on each device's shards)."""
 
-  def prefill(self, params: Params, inputs: Array, taps: Array | None = None) -> Prefill:
-    """The parallel forward over a prompt (B, P, ...), P >= 1, and what it leaves behind."""
+  def prefill(self, params: Params, inputs: Array, taps: Array | None = None,
+              conv: Callable | None = None) -> Prefill:
+    """The parallel forward over a prompt (B, P, ...), P >= 1, and what it leaves behind
+    (taps and conv as in `forward`)."""
 
   def initial_carry(self, params: Params, batch: int) -> Carry:
     """The carry before any position (an empty prompt)."""

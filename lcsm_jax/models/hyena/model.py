@@ -47,7 +47,9 @@ class HyenaLM(nn.Module):
 
   Attributes:
     config: the architecture.
-    long_conv: 'fft' (default) or 'direct' (the O(L^2) reference) for the long convolutions.
+    long_conv: 'fft' (default) or 'direct' (the O(L^2) reference) for the long convolutions,
+      or a function (u (B, L, D), h (>= L, D)) -> (B, L, D) computing the same convolution
+      (e.g. on each device's shards).
     dtype: activation dtype (float32 or bfloat16); long convolutions always run in float32.
     param_dtype: parameter dtype.
   """

@@ -119,14 +119,20 @@ class HyenaOnline:
     return (taps.reshape(length, cfg.num_streams, cfg.d_model),
             diagonal.reshape(cfg.num_streams, cfg.d_model))
 
-  def forward(self, params: Params, tokens: Array, taps: Array | None = None) -> Array:
-    """tokens (B, L) -> logits (B, L, padded_vocab); taps: see `HyenaLM.__call__`."""
-    return HyenaLM(self.config).apply(params, tokens, taps=taps)
+  def _lm(self, conv) -> HyenaLM:
+    return HyenaLM(self.config) if conv is None else HyenaLM(self.config, long_conv=conv)
 
-  def prefill(self, params: Params, prompt: Array, taps: Array | None = None) -> Prefill:
+  def forward(self, params: Params, tokens: Array, taps: Array | None = None,
+              conv=None) -> Array:
+    """tokens (B, L) -> logits (B, L, padded_vocab); taps: see `HyenaLM.__call__`; conv: the
+    long convolution (None: the FFT one; see `HyenaLM.long_conv`)."""
+    return self._lm(conv).apply(params, tokens, taps=taps)
+
+  def prefill(self, params: Params, prompt: Array, taps: Array | None = None,
+              conv=None) -> Prefill:
     """prompt (B, P) -> logits (B, P, V), prompt inputs (P, S, B, D), short-conv windows."""
     cfg = self.config
-    logits, cache = HyenaLM(cfg).apply(params, prompt, collect_cache=True, taps=taps)
+    logits, cache = self._lm(conv).apply(params, prompt, collect_cache=True, taps=taps)
     inputs = cache.conv_inputs  # (layers, N - 1, B, P, D)
     length = prompt.shape[1]
     inputs = jnp.moveaxis(inputs, 3, 0).reshape(length, cfg.num_streams, prompt.shape[0],
