@@ -59,6 +59,27 @@ def test_checkpoint_loads_straight_into_its_shards():
   assert "ok refused" in out
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["1,4", "2,2"])
+def test_two_processes_generate_one_devices_tokens(shape):
+  # ~35 s on 2 busy cores: jax.distributed with a localhost coordinator, 2 CPU devices each
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  script = str(HERE / "multiprocess_check.py")
+  procs = [subprocess.Popen([sys.executable, script, str(i), port, "2", shape], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, out + err[-5000:]
+    assert "tokens equal" in out, out
+  assert outs[0][0].split("tokens equal")[1] == outs[1][0].split("tokens equal")[1]
+
+
 def test_cli_generates_on_a_mesh_the_text_of_one_device():
   base = ["-m", "lcsm_jax.cli", "--num_tokens", "12", "--temperature", "0",
           "--prompt", "def f(x):", "--tau", "16", "--chunk_tokens", "5"]
