@@ -29,9 +29,9 @@ Parts (--parts, any subset, run in the order given):
     --temperature: first divergence, tokens equal, and KL(exact || modal) per step along the
     exact text (both teacher forced on it, distributions at the sampling temperature).
 (e) `speed`: time per token of modal (order 16) vs flash vs lazy for the --stack_layers x
-    --stack_width mixing-only stack (batch 1; plus its bare step: the same token loop with the
-    long convolutions removed, the floor) and the random-init language model (--lm_width /
-    --lm_layers / --lm_inner, HyenaDNA architecture as `lib.workloads`), at --stack_lengths /
+    --stack_width mixing-only stack (batch 1) and the random-init language model (--lm_width /
+    --lm_layers / --lm_inner, HyenaDNA architecture as `lib.workloads`), each with its bare
+    step (the same token loop with the long convolutions removed: the floor), at --stack_lengths /
     --lm_lengths; lazy sampled above --lazy_full_max (`lib.sampling`) and stopped above
     --lazy_max_length, flash stopped above --flash_max_length; and state bytes per sequence
     (the sessions' `state_shape`). The modal filters of these random models are random stable
@@ -122,7 +122,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list("stack_lengths", ["1024", "4096"], "Lengths L of the stack (e).", **fv)
   flags.DEFINE_list("lm_lengths", ["1024", "4096"], "Lengths L of the LM (e).", **fv)
   flags.DEFINE_list("speed_strategies", ["modal", "bare", "flash", "lazy"], "Strategies of "
-                    "part e ('bare': the stack's step without long convolutions).", **fv)
+                    "part e ('bare': the same step without long convolutions).", **fv)
   flags.DEFINE_integer("flash_max_length", 65536, "Flash is not run above this L.", **fv)
   flags.DEFINE_integer("lazy_max_length", 65536, "Lazy is not run above this L.", **fv)
   flags.DEFINE_integer("lazy_full_max", 4096, "Lazy is sampled (lib.sampling) above this L.",
@@ -547,21 +547,47 @@ def modal_program(work: workloads.Workload, params, length: int, distilled
                            workloads.memory_parts(parts))
 
 
+def _bare_score(params, tables, state, token_ids, *, engine):
+  batch, n = token_ids.shape
+  logits = jnp.zeros((batch, n, engine.model.config.padded_vocab_size), jnp.float32)
+
+  def emit(io, r, out):
+    out = out.astype(jnp.float32)
+    return jax.lax.dynamic_update_index_in_dim(io[0], out, r, axis=1), out
+
+  feed = lambda io, r: jax.lax.dynamic_index_in_dim(token_ids, r, axis=1, keepdims=False)
+  state, (logits, _) = engine.run(params, tables, state, n, (logits, logits[:, 0]), feed, emit)
+  return logits, state
+
+
 def bare_program(work: workloads.Workload, params, length: int) -> workloads.Program:
-  """The stack's bare step (`NoMixing` in a `lcsm_jax.decoding.Engine`), run as Rollout runs:
-  a prefill of one position, then L - 1 positions feeding each output back."""
-  engine = Engine(work.stack(), NoMixing(), length)
+  """The bare step (`NoMixing` in a `lcsm_jax.decoding.Engine`), run as the sessions run: a
+  prefill of one position, then L - 1 positions (the stack feeding each output back, the
+  language model teacher forced on the workload's ids)."""
+  model = work.stack() if work.kind == "stack" else online_model(work.config())
+  engine = Engine(model, NoMixing(), length)
   tables = jax.jit(engine.prepare)(params)
-  head = jnp.asarray(work.inputs(1))
-  prefill_fn = jax.jit(functools.partial(_bare_prefill, engine=engine))
-  run_fn = jax.jit(functools.partial(_bare_run, engine=engine, num_steps=length - 1),
-                   donate_argnums=(2,))
+  if work.kind == "stack":
+    head = jnp.asarray(work.inputs(1))
+    prefill_fn = jax.jit(functools.partial(_bare_prefill, engine=engine))
+    run_fn = jax.jit(functools.partial(_bare_run, engine=engine, num_steps=length - 1),
+                     donate_argnums=(2,))
+    with CompileTimer() as timer:
+      prefill_c = prefill_fn.lower(params, tables, head).compile()
+      state, last = jax.eval_shape(prefill_fn, params, tables, head)
+      run_c = run_fn.lower(params, tables, state, last).compile()
+    prefill = lambda: prefill_c(params, tables, head)
+    run = lambda: run_c(params, tables, *prefill())
+    return workloads.Program(run, prefill, timer.seconds, 0.0, 0.0, {})
+  ids = jnp.asarray(work.inputs(length))
+  prefill_fn = jax.jit(lambda p, t, x: engine.prefill(p, t, x)[1])
+  score_fn = jax.jit(functools.partial(_bare_score, engine=engine), donate_argnums=(2,))
   with CompileTimer() as timer:
-    prefill_c = prefill_fn.lower(params, tables, head).compile()
-    state, last = jax.eval_shape(prefill_fn, params, tables, head)
-    run_c = run_fn.lower(params, tables, state, last).compile()
-  prefill = lambda: prefill_c(params, tables, head)
-  run = lambda: run_c(params, tables, *prefill())
+    prefill_c = prefill_fn.lower(params, tables, ids[:, :1]).compile()
+    state = jax.eval_shape(prefill_fn, params, tables, ids[:, :1])
+    score_c = score_fn.lower(params, tables, state, ids[:, 1:]).compile()
+  prefill = lambda: prefill_c(params, tables, ids[:, :1])
+  run = lambda: score_c(params, tables, prefill(), ids[:, 1:])
   return workloads.Program(run, prefill, timer.seconds, 0.0, 0.0, {})
 
 
@@ -601,8 +627,6 @@ def run_speed(store, kind: str, layers: int, width: int, inner: int, lengths, st
   distilled = random_modal_filters(base_work.streams, width, order)
   for length in lengths:
     for strategy in strategies:
-      if strategy == "bare" and kind != "stack":
-        continue
       if (strategy == "flash" and length > flash_max) or (strategy == "lazy" and
                                                           length > lazy_max):
         logging.info("%s %s at L=%d: not run (above its --%s_max_length)", kind, strategy,
@@ -676,6 +700,11 @@ def speed_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
   for length in stack_lengths:
     out["stack_modal_vs_bare"][str(length)] = dict(
         target(t("stack", "modal", length), t("stack", "bare", length), 1.5), limit=1.5)
+  out["lm_modal_vs_bare_16k"] = dict(target(t("lm", "modal", 16384), t("lm", "bare", 16384),
+                                            1.5), limit=1.5, informational=True)
+  out["lm_flash_vs_bare_16k"] = {"ratio": (t("lm", "flash", 16384) / t("lm", "bare", 16384))
+                                 if t("lm", "flash", 16384) and t("lm", "bare", 16384) else None,
+                                 "informational": True}
   worst = [v for v in out["stack_modal_vs_bare"].values() if v["ratio"] is not None]
   out["stack_modal_vs_bare_worst"] = max(worst, key=lambda v: v["ratio"]) if worst else None
   return out

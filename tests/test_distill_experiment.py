@@ -145,7 +145,20 @@ def test_smoke_run_writes_json(tmp_path):
   assert "stack_modal_vs_bare" in data["speed"]["targets"]
   assert all(r["per_token_seconds"] > 0 for r in data["speed"]["rows"])
   modal_state = {r["state_bytes"] for r in data["speed"]["rows"] if r["strategy"] == "modal"}
-  assert modal_state == {2 * 4 * 2 * 8}  # S x D x N/2 complex64, independent of L
+  assert modal_state == {2 * 4 * 2 * 8 + 2 * 4 * 4}  # S D N/2 complex + S D pending, any L
   for name in ("quality", "speed"):
     assert (out.parent / f"distill_{name}.png").stat().st_size > 0
   assert (out.parent / "distill_speed.csv").exists()
+
+
+def test_language_model_bare_step_is_modal_with_zero_residues():
+  """The LM's bare step equals modal on filters whose taps beyond tap 0 are zero."""
+  work = workloads.Workload("lm", 2, 8, 1, 16, 2, 32)
+  params = work.params()
+  logits, _ = runner.bare_program(work, params, 32).run()
+  zero = runner.random_modal_filters(work.streams, 8, 2)
+  zero = type(zero)(zero.poles, zero.residues * 0, zero.h0)
+  decoder = lcsm_jax.Decoder(params, work.config(), "modal", max_length=32, distilled=zero)
+  ids = work.inputs(32)
+  expected, _ = decoder.score(decoder.prefill(ids[:, :1]), ids[:, 1:])
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)

@@ -4,12 +4,19 @@ distilled ones, h[t] = Re sum_n R_n p_n^(t-1) for t >= 1 (h[0] and the skip term
 
 Per stream, channel and pole, the state x[t] = p x[t-1] + a[t] holds the convolution's whole
 past: the pending output of position t is Re sum_n R_n x_n[t-1], so a step costs O(N) per
-channel and the state is S x B x D x N/2 complex numbers whatever the length. Sequences may
+channel and the state is S x B x D x N/2 complex numbers (plus the S x B x D pending outputs)
+whatever the length. Sequences may
 grow past the model's filter length (the recurrence is defined for every t).
 
 The prompt's state is computed in parallel: x[P-1] = sum_s p^(P-1-s) a[s], by a chunked
 Vandermonde sum ('vandermonde', default: chunks of `chunk` positions, each one batched product,
 carried across chunks by p^chunk) or by FFT convolution with the kernel p^t ('fft').
+
+The step runs in real arithmetic on the state's real and imaginary planes (float32, the same
+bytes as complex64), and carries the next position's pending outputs: Re sum R x[t] =
+Re sum (R p) x[t-1] + a[t] Re sum R, read from the state before the update, so that the pending
+outputs do not recompute the update. Measured on the 8 x 256 stack at N = 16 (2 cores): about 2x
+faster per token than complex64 arithmetic with the pending outputs read from the new state.
 """
 
 from __future__ import annotations
@@ -40,7 +47,17 @@ class ModalTables(NamedTuple):
 
 
 class ModalState(NamedTuple):
-  x: Array  # (S, B, D, H) complex64: the state after the latest fed position
+  """The state after the latest fed position: x_n = x + i xi, and y = Re sum_n R_n x_n, the
+  pending outputs of the next position."""
+  x: Array   # (S, B, D, H) float32: the real part
+  xi: Array  # (S, B, D, H) float32: the imaginary part
+  y: Array   # (S, B, D) float32
+
+
+def modal_state(x: Array, residues: Array) -> ModalState:
+  """The ModalState of a complex state x (S, B, D, H) for residues (S, D, H)."""
+  y = jnp.einsum("sbdh,sdh->sbd", x, residues).real.astype(jnp.float32)
+  return ModalState(x.real.astype(jnp.float32), x.imag.astype(jnp.float32), y)
 
 
 def prompt_state_vandermonde(poles: Array, inputs: Array, chunk: int) -> Array:
@@ -127,7 +144,7 @@ class Modal(base.MixingStrategy):
     return ModalTables(sharding.SPECTRA, sharding.SPECTRA, sharding.SPECTRA)
 
   def state_layout(self, state: ModalState) -> ModalState:
-    return ModalState(sharding.STATES)
+    return ModalState(sharding.STATES, sharding.STATES, sharding.STREAMS)
 
   def prefill_taps(self, tables: ModalTables, length: int) -> Array:
     # tap 0 is the model's own h[0], as in the steps' diagonal
@@ -138,14 +155,22 @@ class Modal(base.MixingStrategy):
     inputs = prefill.conv_inputs  # (P, S, B, D)
     if inputs.shape[0] == 0:
       shape = (inputs.shape[1], inputs.shape[2]) + tables.poles.shape[1:]
-      return ModalState(jnp.zeros(shape, jnp.complex64))
-    if self.prefill == "fft":
-      return ModalState(prompt_state_fft(tables.poles, inputs))
-    return ModalState(prompt_state_vandermonde(tables.poles, inputs, self.chunk))
+      x = jnp.zeros(shape, jnp.complex64)
+    elif self.prefill == "fft":
+      x = prompt_state_fft(tables.poles, inputs)
+    else:
+      x = prompt_state_vandermonde(tables.poles, inputs, self.chunk)
+    return modal_state(x, tables.residues)
 
   def pending(self, tables: ModalTables, state: ModalState, r) -> Array:
-    return jnp.einsum("sbdh,sdh->sbd", state.x, tables.residues).real.astype(jnp.float32)
+    return state.y
 
   def update(self, tables: ModalTables, state: ModalState, r, inputs: Array,
              num_steps: int) -> ModalState:
-    return ModalState(state.x * tables.poles[:, None] + inputs.astype(jnp.complex64)[..., None])
+    p = tables.poles[:, None]                         # (S, 1, D, H)
+    rp = (tables.residues * tables.poles)[:, None]
+    total = jnp.sum(tables.residues.real, -1)[:, None]  # (S, 1, D): Re sum R
+    a = inputs.astype(jnp.float32)
+    xr, xi = state.x, state.xi
+    y = jnp.sum(rp.real * xr - rp.imag * xi, -1) + total * a
+    return ModalState(p.real * xr - p.imag * xi + a[..., None], p.real * xi + p.imag * xr, y)
