@@ -26,6 +26,7 @@ from experiments import latency
 from experiments import long_run
 from experiments import memory
 from experiments import scaling
+from experiments import sharding as sharding_runner
 from experiments.lib import blocks as block_timing
 from experiments.lib import flags as flags_lib
 from experiments.lib import machine as machine_lib
@@ -335,6 +336,47 @@ def csv_rows(path):
 
 OLD_ENGINE = {"engine", "generation", "online", "synthetic", "mixing", "blocks", "schedule",
               "sampling", "memory"}
+
+
+def test_sharding_bytes_per_device_from_shardings():
+  """Per-device bytes are each array's shard (NamedSharding.shard_shape) times its item size."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  class Split:
+    """A stand-in sharding splitting axis `axis` into `parts` (no devices needed)."""
+
+    def __init__(self, axis, parts):
+      self.axis, self.parts = axis, parts
+
+    def shard_shape(self, shape):
+      return tuple(n // self.parts if i == self.axis else n for i, n in enumerate(shape))
+
+  shapes = {"a": jax.ShapeDtypeStruct((16, 8, 4), np.float32),
+            "b": jax.ShapeDtypeStruct((6,), np.int8)}
+  got = sharding_runner.bytes_per_device(shapes, {"a": Split(2, 4), "b": Split(0, 1)})
+  assert got == 16 * 8 * 1 * 4 + 6
+  assert sharding_runner.global_bytes(shapes) == 16 * 8 * 4 * 4 + 6
+  one = jax.sharding.NamedSharding(jax.make_mesh((1, 1), ("data", "model")),
+                                   jax.sharding.PartitionSpec(None, "model"))
+  assert sharding_runner.bytes_per_device(shapes["a"], one) == 16 * 8 * 4 * 4
+  with pytest.raises(ValueError, match="2 arrays but 1 shardings"):
+    sharding_runner.bytes_per_device(shapes, [one])
+  assert sharding_runner.mesh_shape("2x4") == (2, 4)
+  with pytest.raises(ValueError, match=r"'dataxmodel' with positive integers \(e.g. 2x4\), got '2,4'"):
+    sharding_runner.mesh_shape("2,4")
+  assert sharding_runner.divides(8, (2, 4)) and not sharding_runner.divides(1, (8, 1))
+
+
+def test_sharding_runner(tmp_path):
+  # in this process JAX has one device: only the (1, 1) mesh runs
+  out = _run(sharding_runner, tmp_path / "sharding.json", "--preset=tiny-1k", "--positions=64",
+             "--meshes=1x1,2x2", "--strategies=flash", "--batches=1", "--speed_width=8",
+             "--speed_tokens=4", "--repeats=1", "--host_devices=1", "--tau=4")
+  (row,) = out["bytes"]
+  assert row["mesh"] == [1, 1] and row["state_bytes"] == row["state_bytes_per_device"] > 0
+  assert row["params_bytes_per_device"] == row["params_bytes"] > 0
+  assert out["speed"][0]["tokens_per_s"] > 0
+  assert (tmp_path / "sharding.png").exists()
 
 
 def test_experiments_use_public_names_only():

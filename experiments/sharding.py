@@ -1,0 +1,274 @@
+r"""Generation on a device mesh: bytes per device and tokens/s against the mesh shape.
+
+  python -m experiments.sharding                    # (a) bytes, (b) tokens/s: ~2 min on 2 cores
+  python -m experiments.sharding --real_run         # (c) large-1m, 2^20 tokens on (1, 4)
+
+(a) For the `large-1m` preset (l_max raised to --positions = 2^20) and every mesh shape of
+--meshes (data, model) over --host_devices host CPU devices: the bytes each device holds of
+the parameters (by the model's `param_partition`), of the strategy's tables and of the decoding
+state after a one-token prompt, from shapes only: the one-device Decoder's `state_shape` and
+`abstract_tables` (nothing is allocated), their logical layouts (`Decoder.engine(batch)`'s
+`state_layout`, the strategy's `table_layout`) mapped onto the mesh by `decoding.sharding`, and
+each array's `NamedSharding.shard_shape`. Batches that do not divide over the data axis are
+skipped.
+(b) tokens/s of greedy generation with a small model on the same meshes (host CPU devices
+share this machine's cores: no speed-up is expected here; the same runner measures scaling on
+a multi-device host).
+(c) With --real_run: the large-1m model generating --positions tokens on a (1, 4) mesh, in
+chunks, with the time and the process's peak resident memory (host devices share one process:
+peak per device is that over 4) and XLA's per-program estimate. Needs ~20 GB and ~30 min.
+
+Writes --out (JSON) and a PNG beside it (bytes per device vs mesh; tokens/s vs mesh).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from experiments.lib import machine
+from experiments.lib import plots
+from experiments.lib import store as store_lib
+
+MESHES = ("1x1", "1x2", "1x4", "1x8", "2x4", "8x1")  # data x model
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer("host_devices", 8, "Host CPU devices (jax_num_cpu_devices).", **fv)
+  flags.DEFINE_list("meshes", list(MESHES), "Mesh shapes dataxmodel, e.g. 2x4.", **fv)
+  flags.DEFINE_string("preset", "large-1m", "Model preset for the bytes per device.", **fv)
+  flags.DEFINE_integer("positions", 2**20, "Positions (max_length) of (a) and (c).", **fv)
+  flags.DEFINE_list("strategies", ["flash", "lazy", "eager"], "Strategies of (a).", **fv)
+  flags.DEFINE_list("batches", ["1", "8"], "Batch sizes of (a).", **fv)
+  flags.DEFINE_integer("tau", 1024, "Flash block threshold (fixed: no crossover measurement).",
+                       **fv)
+  flags.DEFINE_bool("speed", True, "Measure (b) tokens/s.", **fv)
+  flags.DEFINE_integer("speed_width", 64, "(b): d_model of the small model.", **fv)
+  flags.DEFINE_integer("speed_batch", 8, "(b): batch rows.", **fv)
+  flags.DEFINE_integer("speed_tokens", 128, "(b): tokens generated per timed call.", **fv)
+  flags.DEFINE_integer("repeats", 2, "(b): timed calls per mesh (the fastest is kept).", **fv)
+  flags.DEFINE_bool("real_run", False, "(c): run large-1m for --positions tokens on (1, 4) "
+                    "(~20 GB, ~30 min).", **fv)
+  flags.DEFINE_integer("real_chunk", 65536, "(c): tokens per generate call.", **fv)
+  flags.DEFINE_string("out", str(store_lib.RESULTS_DIR / "sharding" / "sharding.json"),
+                      "JSON output; the PNG is written beside it.", **fv)
+
+
+# -- pure helpers --
+
+def mesh_shape(text: str) -> tuple[int, int]:
+  """'2x4' -> (2, 4) (data, model); ValueError naming the text otherwise."""
+  parts = text.split("x")
+  if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+    raise ValueError(f"a mesh shape is 'dataxmodel' with positive integers (e.g. 2x4), got "
+                     f"{text!r}.")
+  return int(parts[0]), int(parts[1])
+
+
+def bytes_per_device(shapes: Any, shardings: Any) -> int:
+  """Bytes one device holds of `shapes` (a pytree of arrays or ShapeDtypeStructs) placed by
+  `shardings` (the same pytree of shardings, each with `shard_shape(global_shape)`): the sum of
+  every leaf's shard size times its item size. Nothing is allocated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree.leaves(shapes)
+  placed = jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "shard_shape"))
+  if len(leaves) != len(placed):
+    raise ValueError(f"{len(leaves)} arrays but {len(placed)} shardings.")
+  return sum(math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
+             for x, s in zip(leaves, placed))
+
+
+def global_bytes(shapes: Any) -> int:
+  """Bytes of every leaf of `shapes` (arrays or ShapeDtypeStructs)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
+
+
+def divides(batch: int, shape: tuple[int, int]) -> bool:
+  return batch % shape[0] == 0
+
+
+# -- (a) bytes per device --
+
+def mesh_of(shape: tuple[int, int]):
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  if math.prod(shape) > len(devices):
+    raise ValueError(f"mesh {shape} needs {math.prod(shape)} devices; JAX sees {len(devices)} "
+                     "(raise --host_devices).")
+  return jax.sharding.Mesh(np.asarray(devices[:math.prod(shape)]).reshape(shape),
+                           ("data", "model"))
+
+
+def large_config(preset: str, positions: int):
+  import lcsm_jax  # pylint: disable=g-import-not-at-top
+  config = lcsm_jax.preset(preset)
+  return config.replace(l_max=max(config.l_max, positions))
+
+
+def byte_rows(config, params, strategies: Iterable[str], batches: Iterable[int],
+              meshes: Iterable[tuple[int, int]], positions: int, tau: int) -> list[dict]:
+  """(a): one row per (strategy, batch, mesh): global and per-device bytes of parameters,
+  strategy tables and state (engine carry and strategy state)."""
+  import lcsm_jax  # pylint: disable=g-import-not-at-top
+  from lcsm_jax import models  # pylint: disable=g-import-not-at-top
+  from lcsm_jax.decoding import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  rows = []
+  adapter = models.online_model(config)
+  param_layout = adapter.param_partition(params)
+  for strategy in strategies:
+    decoder = lcsm_jax.Decoder(params, config, strategy, positions, tau=tau, check_memory=False,
+                               check_finite=False)
+    tables = decoder.abstract_tables().strategy
+    for batch in batches:
+      engine = decoder.engine(batch)
+      state = decoder.state_shape(batch, 1).engine
+      state_layout = engine.state_layout(state)
+      table_layout = engine.strategy.table_layout(tables)
+      for shape in meshes:
+        if not divides(batch, shape):
+          continue
+        sharding = sharding_lib.create(mesh_of(shape), ("data", "model"))
+        parts = {"params": (params, param_layout), "tables": (tables, table_layout),
+                 "state": (state, state_layout)}
+        row = {"strategy": strategy, "batch": batch, "mesh": list(shape),
+               "devices": math.prod(shape), "positions": positions}
+        for name, (tree, layout) in parts.items():
+          row[f"{name}_bytes"] = global_bytes(tree)
+          row[f"{name}_bytes_per_device"] = bytes_per_device(
+              tree, sharding_lib.shardings(sharding, tree, layout))
+        rows.append(row)
+        logging.info("%s batch %d mesh %s: state %.2f GiB/device (of %.2f), params %.1f MiB, "
+                     "tables %.2f GiB", strategy, batch, shape,
+                     row["state_bytes_per_device"] / 2**30, row["state_bytes"] / 2**30,
+                     row["params_bytes_per_device"] / 2**20,
+                     row["tables_bytes_per_device"] / 2**30)
+  return rows
+
+
+# -- (b) tokens/s --
+
+def speed_rows(meshes: Iterable[tuple[int, int]], width: int, batch: int, num_tokens: int,
+               repeats: int, tau: int) -> list[dict]:
+  """(b): greedy tokens/s (batch x tokens / s, compile excluded) of a small model per mesh."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import lcsm_jax  # pylint: disable=g-import-not-at-top
+  config = lcsm_jax.HyenaConfig(vocab_size=16, d_model=width, n_layer=2, d_inner=2 * width,
+                                l_max=1024, order=2, filter_order=16)
+  params = lcsm_jax.init_params(config, jax.random.key(0))
+  prompt = np.asarray(jax.random.randint(jax.random.key(1), (batch, 16), 0, config.vocab_size))
+  rows = []
+  for shape in meshes:
+    if not divides(batch, shape) or width % shape[1]:
+      continue
+    mesh = None if shape == (1, 1) else mesh_of(shape)
+    decoder = lcsm_jax.Decoder(params, config, "flash", 16 + num_tokens * (repeats + 1),
+                               tau=tau, check_memory=False, mesh=mesh)
+    state = decoder.prefill(prompt)
+    result, state = decoder.generate(state, num_tokens, temperature=0)  # compiles
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      result, state = decoder.generate(state, num_tokens, temperature=0)
+      jax.block_until_ready(result.tokens)
+      best = min(best, time.perf_counter() - start)
+    rows.append({"mesh": list(shape), "devices": math.prod(shape), "width": width,
+                 "batch": batch, "tokens": num_tokens, "seconds": best,
+                 "tokens_per_s": batch * num_tokens / best})
+    logging.info("mesh %s: %.0f tokens/s", shape, rows[-1]["tokens_per_s"])
+  return rows
+
+
+# -- (c) the real run --
+
+def real_run(config, params, positions: int, chunk: int, tau: int) -> dict:
+  """(c): large-1m generating `positions` - 1 tokens after a one-token prompt on (1, 4)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import lcsm_jax  # pylint: disable=g-import-not-at-top
+  decoder = lcsm_jax.Decoder(params, config, "flash", positions, tau=tau, mesh=mesh_of((1, 4)))
+  estimate = decoder.estimate_memory(1, 1, min(chunk, positions - 1))
+  start = time.perf_counter()
+  state = decoder.prefill(np.zeros((1, 1), np.int32))
+  left = positions - 1
+  while left:
+    count = min(chunk, left)
+    result, state = decoder.generate(state, count, temperature=0)
+    jax.block_until_ready(result.tokens)
+    left -= count
+    logging.info("%d of %d tokens, %.0f s", positions - 1 - left, positions - 1,
+                 time.perf_counter() - start)
+  peak = machine.max_rss_bytes()
+  return {"mesh": [1, 4], "positions": positions, "seconds": time.perf_counter() - start,
+          "process_peak_rss_bytes": peak, "peak_rss_bytes_per_device": peak / 4,
+          "xla_estimate_bytes": estimate}
+
+
+def plot(byte_rows_: list[dict], speed: list[dict], path) -> None:
+  plt = plots.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for strategy in dict.fromkeys(r["strategy"] for r in byte_rows_):
+    mine = [r for r in byte_rows_ if r["strategy"] == strategy and r["batch"] == 1]
+    labels = [f"{r['mesh'][0]}x{r['mesh'][1]}" for r in mine]
+    axes[0].plot(labels, [r["state_bytes_per_device"] / 2**30 for r in mine], "-o",
+                 ms=7 - 2 * len(axes[0].lines), label=f"{strategy} state (batch 1)")
+  flash = [r for r in byte_rows_ if r["batch"] == 1 and r["strategy"] == "flash"]
+  if flash:
+    labels = [f"{r['mesh'][0]}x{r['mesh'][1]}" for r in flash]
+    axes[0].plot(labels, [r["tables_bytes_per_device"] / 2**30 for r in flash], "C0:s",
+                 label="flash tables (filters, spectra)")
+    axes[0].plot(labels, [r["params_bytes_per_device"] / 2**30 for r in flash], "k--o",
+                 label="parameters (filter positional tables replicated)")
+  axes[0].set_yscale("log")
+  axes[0].set_xlabel("mesh (data x model)")
+  axes[0].set_ylabel("GiB per device")
+  axes[0].set_title("large-1m at 2^20 positions: bytes per device", fontsize=9)
+  axes[0].legend(fontsize=7)
+  axes[0].grid(True, which="both", alpha=0.3)
+  if speed:
+    axes[1].bar([f"{r['mesh'][0]}x{r['mesh'][1]}" for r in speed],
+                [r["tokens_per_s"] for r in speed])
+    axes[1].set_xlabel("mesh (data x model)")
+    axes[1].set_ylabel("tokens/s")
+    axes[1].set_title(f"small model (d_model {speed[0]['width']}, batch {speed[0]['batch']}), "
+                      f"host CPU devices on {machine.machine()['cpus']} cores", fontsize=9)
+  plots.save_figure(fig, path)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+  del argv
+  f = flag_values
+  import jax  # pylint: disable=g-import-not-at-top
+  import lcsm_jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.config.update("jax_num_cpu_devices", f.host_devices)
+  except RuntimeError as e:  # JAX already started (e.g. under pytest): use what it has
+    logging.warning("--host_devices %d not applied (%s); %d devices", f.host_devices, e,
+                    len(jax.devices()))
+  meshes = [mesh_shape(m) for m in f.meshes]
+  meshes = [m for m in meshes if math.prod(m) <= len(jax.devices())]
+  out = store_lib.Store(f.out)
+  config = large_config(f.preset, f.positions)
+  params = lcsm_jax.init_params(config, jax.random.key(0))
+  rows = byte_rows(config, params, f.strategies, [int(b) for b in f.batches], meshes,
+                   f.positions, f.tau)
+  out.set("bytes", rows)
+  speed = speed_rows(meshes, f.speed_width, f.speed_batch, f.speed_tokens, f.repeats,
+                     f.tau) if f.speed else []
+  out.set("speed", speed)
+  if f.real_run:
+    out.set("real_run", real_run(config, params, f.positions, f.real_chunk, f.tau))
+  json_path, _, png_path = plots.output_paths(out.path)
+  plot(rows, speed, png_path)
+  logging.info("wrote %s, %s", json_path, png_path)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
