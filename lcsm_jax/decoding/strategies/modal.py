@@ -44,6 +44,8 @@ class ModalTables(NamedTuple):
   poles: Array     # (S, D, H) complex64, H = N / 2
   residues: Array  # (S, D, H) complex64
   tap0: Array      # (S, D) the model's own h[0], kept exactly
+  residue_poles: Array  # (S, D, H) complex64: R p, for the step's pending outputs
+  residue_sum: Array    # (S, D) float32: Re sum_n R_n
 
 
 class ModalState(NamedTuple):
@@ -133,15 +135,17 @@ class Modal(base.MixingStrategy):
                        + "; ".join(problems) + ".")
 
   def prepare(self, taps: Array, aux: Any = None) -> ModalTables:
-    return ModalTables(jnp.asarray(aux.poles, jnp.complex64),
-                       jnp.asarray(aux.residues, jnp.complex64), taps[0])
+    poles = jnp.asarray(aux.poles, jnp.complex64)
+    residues = jnp.asarray(aux.residues, jnp.complex64)
+    return ModalTables(poles, residues, taps[0], residues * poles,
+                       jnp.sum(residues.real, -1).astype(jnp.float32))
 
   def aux_layout(self, aux: Any) -> Any:
     return jax.tree.map(lambda x: sharding.SPECTRA if jnp.ndim(x) >= 2 else sharding.REPLICATED,
                         aux)
 
   def table_layout(self, tables: ModalTables) -> ModalTables:
-    return ModalTables(sharding.SPECTRA, sharding.SPECTRA, sharding.SPECTRA)
+    return ModalTables(*[sharding.SPECTRA] * len(ModalTables._fields))
 
   def state_layout(self, state: ModalState) -> ModalState:
     return ModalState(sharding.STATES, sharding.STATES, sharding.STREAMS)
@@ -168,8 +172,8 @@ class Modal(base.MixingStrategy):
   def update(self, tables: ModalTables, state: ModalState, r, inputs: Array,
              num_steps: int) -> ModalState:
     p = tables.poles[:, None]                         # (S, 1, D, H)
-    rp = (tables.residues * tables.poles)[:, None]
-    total = jnp.sum(tables.residues.real, -1)[:, None]  # (S, 1, D): Re sum R
+    rp = tables.residue_poles[:, None]
+    total = tables.residue_sum[:, None]               # (S, 1, D): Re sum R
     a = inputs.astype(jnp.float32)
     xr, xi = state.x, state.xi
     y = jnp.sum(rp.real * xr - rp.imag * xi, -1) + total * a
