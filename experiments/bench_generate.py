@@ -4,6 +4,8 @@ r"""Times every generation strategy against each other and against one offline f
   python -m experiments.bench_generate --model=stack --length=4096 --layers=8 --width=256
   python -m experiments.bench_generate --model=lm --length=4096 --layers=8 --width=256 \
       --inner_width=1024 --strategies=flash,lazy
+  python -m experiments.bench_generate --model=lm --length=4096 --layers=8 --width=256 \
+      --inner_width=1024 --strategies=flash --step_weights=float32,bfloat16
 
 For each strategy: total time of generating positions 1 .. L-1 after a one-token prompt (median
 of --repeats runs after a warm-up), time per token, compile time (apart), the filter-table time
@@ -19,6 +21,11 @@ read bandwidth) is reported beside it.
 Programs (`lib.workloads`): the stack in a `lcsm_jax.decoding.Rollout` (prefill of one position,
 then `run(state, L - 1)`), the language model in a `lcsm_jax.Decoder` (prefill of one token,
 then `score(state, ids[:, 1:])`); the offline forward is `ConvStack.forward` / `HyenaLM.apply`.
+
+--step_weights (lm): the dtypes the step reads its dense kernels in (`lcsm_jax.Decoder(
+step_weights=...)`), measured one after the other in the same run; a bfloat16 configuration's
+key and results hold "step_weights": "bfloat16" (float32 keys are unchanged), and the log ends
+with the float32 / bfloat16 time ratio of every strategy.
 
 Writes --out (JSON): "points" (one per measured strategy/config; kept across runs, so a re-run
 skips what is there) and "results" (per config: the table above, with ratios).
@@ -48,6 +55,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        **fv)
   flags.DEFINE_list("strategies", ["flash", "lazy", "eager", "recompute"], "Strategies to "
                     "time.", **fv)
+  flags.DEFINE_list("step_weights", ["float32"], "lm: dtypes of the step's dense kernels "
+                    "(float32, bfloat16), each measured in this run.", **fv)
+  flags.register_validator(
+      "step_weights", lambda v: bool(v) and set(v) <= {"float32", "bfloat16"},
+      "step_weights must be a list of float32 and/or bfloat16.", **fv)
   flags.DEFINE_integer("bandwidth_megabytes", 256, "Array size of the read-bandwidth probe.",
                        **fv)
   flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "bench_generate.json",
@@ -58,8 +70,10 @@ def run_benchmark(model: str, length: int, layers: int, width: int, inner_width:
                   order: int, batch: int, strategies, tau, repeats: int, sample_above: int,
                   sample_points: int, sample_steps: int, sample_recompute_above: int = 256,
                   eager_max: int = 8192, recompute_sample_steps: int = 4, out=None,
-                  bandwidth_megabytes: int = 256) -> dict:
+                  bandwidth_megabytes: int = 256, *,
+                  step_weights: str = "float32") -> dict:
   """Measures one configuration; returns its result table (and stores it in `out` if given).
+  `step_weights` (keyword, lm): 'float32' or 'bfloat16', see `lcsm_jax.Decoder`.
 
   Returns:
     {"machine", "config", "offline_forward": {"seconds", "compile_seconds"},
@@ -67,20 +81,22 @@ def run_benchmark(model: str, length: int, layers: int, width: int, inner_width:
      "speedup_vs_lazy" (lazy's time / this one's; when lazy was measured) and
      "vs_offline_forward" (this time / one forward); lazy also "mixing_roofline_seconds"}}.
   """
-  work = workloads.Workload(model, layers, width, batch, inner_width, order, length)
+  work = workloads.Workload(model, layers, width, batch, inner_width, order, length,
+                            step_weights=step_weights)
   sampling = sampling_lib.Sampling(lazy_above=sample_above,
                                    recompute_above=sample_recompute_above, eager_max=eager_max,
                                    positions=sample_points, steps=sample_steps,
                                    recompute_steps=recompute_sample_steps)
   store = store_lib.Store(out) if out else None
   config = dict(work.describe(), length=length, tau=tau, repeats=repeats)
-  params = work.params()
+  params = workloads.cached_params(work.replace(step_weights="float32"))
   options = EngineOptions(tau=tau)
 
   def point(key: dict, measure):
     return store_lib.point(store, key, measure)
 
-  offline = point(dict(config, what="offline_forward", tau=None),
+  plain = {k: v for k, v in config.items() if k != "step_weights"}  # the float32 forward
+  offline = point(dict(plain, what="offline_forward", tau=None),
                   lambda: sampling_lib.offline_forward(work, params, length, repeats))
   logging.info("offline forward over L=%d: %.1f ms", length, offline["seconds"] * 1e3)
   bandwidth = point({"what": "read_bandwidth", "megabytes": bandwidth_megabytes},
@@ -119,10 +135,25 @@ def run_benchmark(model: str, length: int, layers: int, width: int, inner_width:
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
-  run_benchmark(f.model, f.length, f.layers, f.width, f.inner_width, f.order, f.batch,
-                f.strategies, flags_lib.tau(f), f.repeats, f.sample_above,
-                f.sample_positions, f.sample_steps, f.sample_recompute_above, f.eager_max,
-                f.recompute_sample_steps, f.out, f.bandwidth_megabytes)
+  if f.model != "lm" and f.step_weights != ["float32"]:
+    raise app.UsageError("--step_weights applies to --model=lm only.")
+  results = {}
+  for dtype in f.step_weights:
+    results[dtype] = _run(f, step_weights=dtype)
+  if {"float32", "bfloat16"} <= set(results):
+    for name, entry in results["bfloat16"]["strategies"].items():
+      f32 = results["float32"]["strategies"][name]["per_token_seconds"]
+      logging.info("%-9s float32 %.1f us/token, bfloat16 step weights %.1f us/token: x%.2f",
+                   name, f32 * 1e6, entry["per_token_seconds"] * 1e6,
+                   f32 / entry["per_token_seconds"])
+
+
+def _run(f, step_weights: str) -> dict:
+  return run_benchmark(
+      f.model, f.length, f.layers, f.width, f.inner_width, f.order, f.batch, f.strategies,
+      flags_lib.tau(f), f.repeats, f.sample_above, f.sample_positions, f.sample_steps,
+      f.sample_recompute_above, f.eager_max, f.recompute_sample_steps, f.out,
+      f.bandwidth_megabytes, step_weights=step_weights)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,28 @@ def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
   return resolved
 
 
+STEP_WEIGHTS = ("float32", "bfloat16")
+
+
+def check_step_weights(value: Any, name: str = "step_weights") -> str:
+  """The dtype of a language model's step weights, as its name: 'float32' or 'bfloat16'.
+
+  Accepts the names and anything `jnp.dtype` understands (`jnp.bfloat16`, `np.float32`).
+  Raises TypeError for something that is not a dtype, ValueError for another dtype.
+  """
+  if isinstance(value, bool) or value is None:
+    raise TypeError(f"{name} must be 'float32' or 'bfloat16', got {value!r}.")
+  try:
+    resolved = jnp.dtype(value).name
+  except TypeError:
+    raise TypeError(f"{name} must be 'float32' or 'bfloat16', got {value!r} (not a "
+                    "dtype).") from None
+  if resolved not in STEP_WEIGHTS:
+    raise ValueError(f"{name} must be 'float32' or 'bfloat16' (weights of the one-position "
+                     f"step; accumulation stays float32), got {resolved}.")
+  return resolved
+
+
 def is_float(dtype: Any) -> bool:
   """Whether `dtype` is a floating-point dtype (unlike NumPy's test, also true for bfloat16)."""
   return jnp.issubdtype(dtype, jnp.floating)

@@ -103,6 +103,10 @@ class Workload:
   kind: 'stack' (the mixing-only `ConvStack` of `layers` x `width`) or 'lm' (the Hyena
   language model: HyenaDNA architecture with d_model = width, n_layer = layers, d_inner =
   inner_width, the given `order`, vocabulary 12). max_length: the filters' l_max.
+  step_weights (lm): the dtype the step reads the dense kernels in ('float32' or 'bfloat16',
+  `lcsm_jax.Decoder(step_weights=...)`). distilled (lm): the distilled filters
+  (`lcsm_jax.distill`) a 'modal' session runs on; not part of the workload's identity (hash,
+  equality), only of its sessions.
   """
 
   kind: str
@@ -112,10 +116,17 @@ class Workload:
   inner_width: int = 1024
   order: int = 2
   max_length: int = 4096
+  step_weights: str = "float32"
+  distilled: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
   def __post_init__(self):
     if self.kind not in ("stack", "lm"):
       raise ValueError(f"kind must be 'stack' or 'lm', got {self.kind!r}.")
+    if self.step_weights not in ("float32", "bfloat16"):
+      raise ValueError(f"step_weights must be 'float32' or 'bfloat16', got "
+                       f"{self.step_weights!r}.")
+    if self.kind == "stack" and self.step_weights != "float32":
+      raise ValueError("step_weights applies to the language model only (kind='lm').")
 
   def replace(self, **changes) -> "Workload":
     return dataclasses.replace(self, **changes)
@@ -126,6 +137,8 @@ class Workload:
     out = {"model": self.kind, "layers": self.layers, "width": self.width, "batch": self.batch}
     if self.kind == "lm":
       out.update(inner_width=self.inner_width, order=self.order)
+      if self.step_weights != "float32":  # float32 keys as before, so stored points stay valid
+        out.update(step_weights=self.step_weights)
     return out
 
   @property
@@ -175,7 +188,9 @@ class Workload:
       return Rollout(params, self.stack(), strategy, max_length=length, options=options,
                      donate_state=donate_state)
     return Decoder(params, self.config(), strategy, max_length=length, options=options,
-                   check_finite=False, donate_state=donate_state)
+                   check_finite=False, donate_state=donate_state,
+                   step_weights=self.step_weights,
+                   distilled=self.distilled if strategy == "modal" else None)
 
   def estimate_memory(self, session, prompt: int, steps: int) -> dict[str, int]:
     """`session.estimate_memory` for a prompt of `prompt` and `steps` online positions (the

@@ -228,6 +228,11 @@ class Decoder(Session):
       axis' size and the model's width of the model axis' (ValueError otherwise).
     mesh_axes: (data axis, model axis): the mesh's axis names for batch rows and channels
       (default ("data", "model"); None: not split).
+    step_weights: 'float32' (default) or 'bfloat16' (or the dtype): the dtype the one-token
+      step reads its dense kernels in (in_proj, out_proj, fc1, fc2; cast once, with the
+      tables). With 'bfloat16' the decoder runs the model with those kernels rounded to
+      bfloat16 (prefill included; activations, accumulation and states stay float32): an
+      approximation of the model, run exactly by every strategy.
 
   Raises:
     ValueError, TypeError: parameters that do not fit the config (named), non-finite
@@ -238,8 +243,10 @@ class Decoder(Session):
                options: EngineOptions | None = None, *, distilled: Any = None,
                check_finite: bool = True, donate_state: bool = False,
                mesh: jax.sharding.Mesh | None = None,
-               mesh_axes: tuple[str | None, str | None] = ("data", "model"), **engine_options):
-    model = models.online_model(config)
+               mesh_axes: tuple[str | None, str | None] = ("data", "model"),
+               step_weights: Any = "float32", **engine_options):
+    model = models.online_model(config, **(
+        {} if _is_float32(step_weights) else {"step_weights": step_weights}))
     model.check_params(params)
     if check_finite:
       validation.check_finite(params)
@@ -439,6 +446,11 @@ class Decoder(Session):
     compiled = self.compiled(program, static, self.params, self.tables, state, inputs)
     self.check_memory(lambda: {kind: memory.program_bytes(compiled)}, advice)
     return compiled(self.params, self.tables, state, inputs)
+
+
+def _is_float32(step_weights: Any) -> bool:
+  """Whether `step_weights` asks for the default float32 (checked, so a bad value raises)."""
+  return validation.check_step_weights(step_weights) == "float32"
 
 
 def _too_long(length: int, count: int, max_length: int, what: str, sample: bool = False) -> str:

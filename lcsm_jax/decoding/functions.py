@@ -23,6 +23,7 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
              distilled: Any = None, check_finite: bool = True,
              mesh: jax.sharding.Mesh | None = None,
              mesh_axes: tuple[str | None, str | None] = ("data", "model"),
+             step_weights: Any = "float32",
              options: EngineOptions | None = None, **engine_options) -> GenerationOutput:
   """Samples `num_tokens` tokens after `prompt_ids` from a Hyena language model, exactly.
 
@@ -56,6 +57,9 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
       outside the token loop).
     mesh, mesh_axes: generate on a device mesh, batch rows on its data axis and channels on
       its model axis (see `Decoder`); the batch must divide over the data axis.
+    step_weights: 'float32' (default) or 'bfloat16': the dtype the step reads its dense
+      kernels in; 'bfloat16' samples from the model with those kernels rounded to bfloat16
+      (see `Decoder`).
     options, **engine_options: `EngineOptions` (tau, layer_parallel, ..., check_memory).
 
   Returns:
@@ -75,7 +79,7 @@ def generate(params: Any, config, prompt_ids, num_tokens: int, key: Array | None
                      f"the model's maximum length l_max = {config.l_max}.")
   decoder = Decoder(params, config, strategy, max_length=total, options=options,
                     distilled=distilled, check_finite=check_finite, donate_state=True,
-                    mesh=mesh, mesh_axes=mesh_axes)
+                    mesh=mesh, mesh_axes=mesh_axes, step_weights=step_weights)
   decoder.engine(batch)  # on a mesh: a batch that does not divide is refused here
   decoder.check_request(batch, length, num_tokens,
                         advice="reduce the batch size or the number of tokens")
@@ -91,14 +95,16 @@ def teacher_forced_logits(params: Any, config, token_ids, *, prompt_length: int 
                           strategy: str = "flash", distilled: Any = None,
                           check_finite: bool = True, mesh: jax.sharding.Mesh | None = None,
                           mesh_axes: tuple[str | None, str | None] = ("data", "model"),
+                          step_weights: Any = "float32",
                           options: EngineOptions | None = None, **engine_options) -> Array:
   """Feeds given tokens one position at a time and returns the logits of every position.
 
   The first `prompt_length` tokens go through one parallel prefill, the rest through the
   engine of `strategy` (`Decoder.score`); the result equals the parallel forward
   `HyenaLM(config).apply` (with strategy='modal', the forward with the distilled filters:
-  `HyenaLM(config).apply(params, ids, taps=...)`). `distilled`, `check_finite`, `mesh`,
-  `mesh_axes` and the options are as in `generate`.
+  `HyenaLM(config).apply(params, ids, taps=...)`; with step_weights='bfloat16', the forward
+  with the dense kernels rounded to bfloat16). `distilled`, `check_finite`, `mesh`,
+  `mesh_axes`, `step_weights` and the options are as in `generate`.
 
   Returns:
     (B, L, padded_vocab) float32.
@@ -112,7 +118,7 @@ def teacher_forced_logits(params: Any, config, token_ids, *, prompt_length: int 
   prompt_length = int(prompt_length)
   decoder = Decoder(params, config, strategy, max_length=total, options=options,
                     distilled=distilled, check_finite=check_finite, donate_state=True,
-                    mesh=mesh, mesh_axes=mesh_axes)
+                    mesh=mesh, mesh_axes=mesh_axes, step_weights=step_weights)
   decoder.engine(batch)  # on a mesh: a batch that does not divide is refused here
   decoder.check_request(batch, prompt_length,
                         advice="score fewer or shorter sequences at a time")

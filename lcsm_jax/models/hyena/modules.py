@@ -135,6 +135,24 @@ def gated_convolutions(gates: Sequence[Array], v: Array,
   return v * gates[0], inputs
 
 
+def step_dense(dense: nn.Module, params: Any, x: Array) -> Array:
+  """`dense(x)` for the one-position step, `x` (B, in) -> (B, out), with the kernel
+  `params['kernel']` (in, out) in the dtype it is stored in.
+
+  A kernel stored in the module's compute dtype goes through `dense` unchanged. A narrower one
+  (bfloat16 step weights, `HyenaOnline(step_weights='bfloat16')`) is not converted here: one
+  `dot_general` of `x` and the stored kernel with `preferred_element_type` float32 (products
+  accumulated in float32; `x` is not rounded), then the bias in float32.
+  """
+  kernel = params["kernel"]
+  compute = jnp.promote_types(x.dtype, jnp.float32)
+  if kernel.dtype == jnp.dtype(dense.dtype or compute):
+    return dense(x)
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=compute)
+  return y + params["bias"].astype(compute)
+
+
 class HyenaOperator(nn.Module):
   """The Hyena mixer of order N: in-projection, short convolution, N - 1 gated long
   convolutions with an implicit filter, out-projection."""
@@ -205,14 +223,16 @@ class HyenaOperator(nn.Module):
     Returns:
       y (B, D); the convolution inputs at this position (N - 1, B, D); the new history.
     """
-    z, history = self.short_conv(self.in_proj(u)[:, None], history)
+    weights = self.variables["params"]
+    z, history = self.short_conv(step_dense(self.in_proj, weights["in_proj"], u)[:, None],
+                                 history)
     gates, v = self._split(z[:, 0])
 
     def convolve(o, a):
       return (pending[o] + a.astype(diagonal.dtype) * diagonal[o]).astype(self.dtype)
 
     y, inputs = gated_convolutions(gates, v, convolve)
-    return self.out_proj(y), jnp.stack(inputs), history
+    return step_dense(self.out_proj, weights["out_proj"], y), jnp.stack(inputs), history
 
 
 class MixerCache(NamedTuple):
@@ -233,12 +253,21 @@ class Mlp(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def setup(self):
     dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Dense(self.hidden, name="fc1", **dense)(x)
-    x = jax.nn.gelu(x, approximate=True)
-    return nn.Dense(self.features, name="fc2", **dense)(x)
+    self.fc1 = nn.Dense(self.hidden, **dense)
+    self.fc2 = nn.Dense(self.features, **dense)
+
+  def __call__(self, x: Array) -> Array:
+    """x (..., features) -> (..., features)."""
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+  def step(self, x: Array) -> Array:
+    """One position, x (B, features): as `__call__`, the kernels read as stored
+    (`step_dense`)."""
+    weights = self.variables["params"]
+    x = step_dense(self.fc1, weights["fc1"], x)
+    return step_dense(self.fc2, weights["fc2"], jax.nn.gelu(x, approximate=True))
 
 
 class HyenaBlock(nn.Module):
@@ -277,10 +306,13 @@ class HyenaBlock(nn.Module):
 
   def step(self, x: Array, pending: Array, history: Array, diagonal: Array
            ) -> tuple[Array, Array, Array]:
-    """One position of the block; arguments as in `HyenaOperator.step`, `x` (B, D)."""
+    """One position of the block; arguments as in `HyenaOperator.step`, `x` (B, D). The dense
+    kernels (in_proj, out_proj, fc1, fc2) may be stored narrower than the compute dtype
+    (bfloat16 step weights): they are then read as stored, products accumulated in float32
+    (`step_dense`)."""
     y, inputs, history = self.mixer.step(self.norm1(x), pending, history, diagonal)
     x = self._residual(x + y)
-    x = self._residual(x + self.mlp(self.norm2(x)))
+    x = self._residual(x + self.mlp.step(self.norm2(x)))
     return x, inputs, history
 
   def filters(self, length: int) -> tuple[Array, Array]:

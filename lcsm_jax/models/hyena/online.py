@@ -4,6 +4,15 @@ a one-token step.
 
 S = n_layer x (order - 1) streams of D = d_model channels; the carry is every layer's
 short-convolution window (n_layer, B, K - 1, (order + 1) D).
+
+`step_weights='bfloat16'` runs the model whose dense kernels (in_proj, out_proj, fc1, fc2 of
+every layer) are rounded to bfloat16: they are stored as bfloat16 for the step (cast once, in
+`constants`) and each step's matmul reads them so, with float32 activations and accumulation
+(`modules.step_dense`); carry and strategy state stay float32, and the prefill and parallel
+forward use the same rounded kernels, so every strategy stays exact with respect to that
+rounded model. Half the weight bytes per token where the backend has bfloat16 dots; XLA:CPU
+has none: it converts the kernels to float32 once, before the token loop (no per-token
+conversion), and the loop reads float32 copies, so there it is no faster.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from lcsm_jax import validation
 from lcsm_jax.models.hyena import params as params_lib
 from lcsm_jax.models.hyena.config import HyenaConfig
 from lcsm_jax.models.hyena.model import HyenaLM
@@ -24,6 +34,24 @@ from lcsm_jax.models.interface import BATCH, CHANNELS, Prefill
 
 Array = jax.Array
 Params = Any
+
+
+# The dense layers whose kernels `step_weights` applies to: (module, submodule) in a block.
+STEP_KERNELS = (("mixer", "in_proj"), ("mixer", "out_proj"), ("mlp", "fc1"), ("mlp", "fc2"))
+
+
+def round_step_weights(blocks: Params, dtype: Any, restore: bool = False) -> Params:
+  """`blocks` (a block's or the stacked blocks' parameter mapping) with the STEP_KERNELS
+  kernels cast to `dtype` (restore: and back to their own dtype, i.e. rounded); everything
+  else untouched. Returns plain dicts along the changed paths."""
+  out = dict(blocks)
+  for module, dense in STEP_KERNELS:
+    out[module] = dict(out[module])
+    out[module][dense] = dict(out[module][dense])
+    kernel = out[module][dense]["kernel"]
+    out[module][dense]["kernel"] = (kernel.astype(dtype).astype(kernel.dtype) if restore
+                                    else kernel.astype(dtype))
+  return out
 
 
 class StepConstants(NamedTuple):
@@ -38,9 +66,27 @@ class HyenaOnline:
 
   Attributes:
     config: the architecture.
+    step_weights: 'float32' (default) or 'bfloat16' (also given as a dtype): the dtype in
+      which the step reads the dense kernels (see the module docstring). With 'bfloat16' the
+      model run is the one with those kernels rounded to bfloat16 (`model_params`), in the
+      step, the prefill and the parallel forward alike.
   """
 
   config: HyenaConfig
+  step_weights: str = "float32"
+
+  def __post_init__(self):
+    object.__setattr__(self, "step_weights", validation.check_step_weights(self.step_weights))
+
+  def model_params(self, params: Params) -> Params:
+    """The parameters of the model this adapter runs: `params` itself for float32 step
+    weights; for bfloat16, the STEP_KERNELS kernels rounded to bfloat16 and back to their
+    dtype (the model the bfloat16 step computes exactly)."""
+    if self.step_weights == "float32":
+      return params
+    rounded = round_step_weights(self._blocks(params), self.step_weights, restore=True)
+    stack = {**params["params"]["stack"], "blocks": rounded}
+    return {**params, "params": {**params["params"], "stack": stack}}
 
   @property
   def num_streams(self) -> int:
@@ -126,13 +172,14 @@ class HyenaOnline:
               conv=None) -> Array:
     """tokens (B, L) -> logits (B, L, padded_vocab); taps: see `HyenaLM.__call__`; conv: the
     long convolution (None: the FFT one; see `HyenaLM.long_conv`)."""
-    return self._lm(conv).apply(params, tokens, taps=taps)
+    return self._lm(conv).apply(self.model_params(params), tokens, taps=taps)
 
   def prefill(self, params: Params, prompt: Array, taps: Array | None = None,
               conv=None) -> Prefill:
     """prompt (B, P) -> logits (B, P, V), prompt inputs (P, S, B, D), short-conv windows."""
     cfg = self.config
-    logits, cache = self._lm(conv).apply(params, prompt, collect_cache=True, taps=taps)
+    logits, cache = self._lm(conv).apply(self.model_params(params), prompt,
+                                         collect_cache=True, taps=taps)
     inputs = cache.conv_inputs  # (layers, N - 1, B, P, D)
     length = prompt.shape[1]
     inputs = jnp.moveaxis(inputs, 3, 0).reshape(length, cfg.num_streams, prompt.shape[0],
@@ -149,10 +196,13 @@ class HyenaOnline:
 
     Slicing the stacked (n_layer, ...) weights inside the token loop made XLA copy every
     layer's weights at every token (25 MB per token for d_model 256, 8 layers); slices taken
-    here, in a program of their own, are made once.
+    here, in a program of their own, are made once. With bfloat16 `step_weights` the dense
+    kernels are cast here too, once, and stored as bfloat16: the token loop reads them so.
     """
     blocks = dict(self._blocks(params))
     blocks["mixer"] = {k: v for k, v in blocks["mixer"].items() if k != "filter"}
+    if self.step_weights != "float32":
+      blocks = round_step_weights(blocks, self.step_weights)
     layers = tuple(jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(self.config.n_layer))
     return StepConstants(diagonal, layers)
 
