@@ -55,6 +55,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        **fv)
   flags.DEFINE_list("strategies", ["flash", "lazy", "eager", "recompute"], "Strategies to "
                     "time.", **fv)
+  flags.DEFINE_list("bases", ["2"], "Flash tiling bases to time (EngineOptions.base); base 2 "
+                    "is reported as 'flash', base b as 'flash_b<b>'.", **fv)
   flags.DEFINE_list("step_weights", ["float32"], "lm: dtypes of the step's dense kernels "
                     "(float32, bfloat16), each measured in this run.", **fv)
   flags.register_validator(
@@ -70,7 +72,7 @@ def run_benchmark(model: str, length: int, layers: int, width: int, inner_width:
                   order: int, batch: int, strategies, tau, repeats: int, sample_above: int,
                   sample_points: int, sample_steps: int, sample_recompute_above: int = 256,
                   eager_max: int = 8192, recompute_sample_steps: int = 4, out=None,
-                  bandwidth_megabytes: int = 256, *,
+                  bandwidth_megabytes: int = 256, bases=(2,), *,
                   step_weights: str = "float32") -> dict:
   """Measures one configuration; returns its result table (and stores it in `out` if given).
   `step_weights` (keyword, lm): 'float32' or 'bfloat16', see `lcsm_jax.Decoder`.
@@ -104,14 +106,19 @@ def run_benchmark(model: str, length: int, layers: int, width: int, inner_width:
   result = {"machine": machine.machine(), "config": dict(config, streams=work.streams),
             "offline_forward": offline, "read_bandwidth_bytes_per_second": bandwidth,
             "strategies": {}}
-  for strategy in strategies:
+  runs = [(s, 2) for s in strategies if s != "flash"]
+  if "flash" in strategies:
+    runs = [("flash", int(b)) for b in bases] + runs
+  for strategy, base in runs:
+    name = strategy if base == 2 else f"{strategy}_b{base}"
     key = dict(config, what="generate", strategy=strategy,
-               tau=tau if strategy == "flash" else None,  # tau is flash's only
-               **sampling.key(strategy, length))
-    entry = dict(point(key, lambda s=strategy: sampling_lib.measure_strategy(
-        work, params, s, length, options, repeats, sampling)))
+               tau=tau if strategy == "flash" else None,  # tau and base are flash's only
+               **({"base": base} if base != 2 else {}), **sampling.key(strategy, length))
+    run_options = EngineOptions.create(options, base=base)
+    entry = dict(point(key, lambda s=strategy, o=run_options: sampling_lib.measure_strategy(
+        work, params, s, length, o, repeats, sampling)))
     entry["vs_offline_forward"] = entry["total_seconds"] / offline["seconds"]
-    result["strategies"][strategy] = entry
+    result["strategies"][name] = entry
   if "lazy" in result["strategies"]:
     lazy = result["strategies"]["lazy"]
     lazy["mixing_roofline_seconds"] = workloads.lazy_bytes(
@@ -153,7 +160,7 @@ def _run(f, step_weights: str) -> dict:
       f.model, f.length, f.layers, f.width, f.inner_width, f.order, f.batch, f.strategies,
       flags_lib.tau(f), f.repeats, f.sample_above, f.sample_positions, f.sample_steps,
       f.sample_recompute_above, f.eager_max, f.recompute_sample_steps, f.out,
-      f.bandwidth_megabytes, step_weights=step_weights)
+      f.bandwidth_megabytes, f.bases, step_weights=step_weights)
 
 
 if __name__ == "__main__":

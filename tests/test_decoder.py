@@ -228,8 +228,10 @@ def test_memory_estimates_run_nothing(params):
   assert all(v > 0 for v in parts.values())
   state = decoder.state_shape(3, 5)
   assert isinstance(state.logits, jax.ShapeDtypeStruct) and state.logits.shape == (3, 16)
-  # flash keeps rings of 2^(K-1) rows for M = 35 online positions: 32 rows of (S, B, D)
-  assert state.engine.strategy.inputs.shape == (32, 2, 3, 8)
+  # flash keeps channel-major rings of 2^(K-1) positions for M = 35 online positions: 32 of
+  # (S, B, D), and staging buffers of one tile (tau=2: the FFT levels start at 4)
+  assert state.engine.strategy.inputs.shape == (2, 3, 8, 32)
+  assert state.engine.strategy.staged_inputs.shape == (2, 3, 8, 4)
   assert decoder._tables is None  # pylint: disable=protected-access
 
 

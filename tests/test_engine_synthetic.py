@@ -64,6 +64,33 @@ def test_flash_options_give_the_same_result(options):
   check_rollout(stack, params, prompt, 97, outputs)
 
 
+BASE_OPTIONS = [dict(tau=1), dict(tau="fft"), dict(tau="direct"), dict(tau=4),
+                dict(tau=1, spectra_max_size=4),   # large levels transform their filters
+                dict(tau=1, precomputed_spectra=False), dict(tau=1, layer_parallel=False),
+                dict(tau=1, group_bytes=384)]     # stream and channel groups
+
+
+@pytest.mark.parametrize("base,options", [(4, options) for options in BASE_OPTIONS] + [
+    (base, options) for base in (8, 16) for options in BASE_OPTIONS[:2] + BASE_OPTIONS[4:5]])
+@pytest.mark.parametrize("prompt_len,steps", [(1, 99), (21, 64), (2, 17)])
+def test_flash_base_b_matches_direct_forward(base, options, prompt_len, steps):
+  stack = ConvStack(2, 6, prompt_len + steps)
+  params = stack.init(jax.random.key(base + steps))
+  prompt = jax.random.normal(jax.random.key(prompt_len), (2, prompt_len, 6))
+  outputs = decoding.rollout(params, stack, prompt, steps, strategy="flash", base=base,
+                             **options)
+  check_rollout(stack, params, prompt, steps, outputs)
+
+
+def test_flash_base_b_with_a_mixed_tau_mapping():
+  stack = ConvStack(2, 5, 300)
+  params = stack.init(jax.random.key(5))
+  prompt = jax.random.normal(jax.random.key(6), (1, 3, 5))
+  tau = {1: "fft", 4: "direct", 16: "fft", 64: "fft", 256: "fft"}  # FFT below direct
+  outputs = decoding.rollout(params, stack, prompt, 297, strategy="flash", base=4, tau=tau)
+  check_rollout(stack, params, prompt, 297, outputs)
+
+
 def test_flash_group_shape():
   flash = Flash(decoding.EngineOptions(tau="fft", group_bytes=384))
   # (size, streams, batch, width) -> (streams, channels) per group: 2 x 2 x 6 float32 per row

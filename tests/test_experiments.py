@@ -238,8 +238,9 @@ def test_memory(tmp_path):
     assert row["state_bytes"] > 0 and row["xla_peak_bytes"] > 0, row
   flash = {r["length"]: r for r in rows if r["strategy"] == "flash"}
   # flash keeps an input and a pending output in rings of L/2 rows (per stream, batch row and
-  # channel): 4 bytes per position
-  assert flash[64]["state_bytes_per_token_per_channel"] == pytest.approx(4, rel=0.1)
+  # channel): 4 bytes per position, plus both staging buffers of one tile (at most L/8 rows
+  # each here: 1 byte per position)
+  assert 4 <= flash[64]["state_bytes_per_token_per_channel"] <= 5
   # one real run in a fresh process, for its peak resident set
   rss = memory.measure_rss(workloads.Workload("stack", 2, 4, max_length=32), "recompute", 32, 2)
   assert rss["rss_peak_bytes"] >= rss["rss_before_run_bytes"] > 10 * 2**20

@@ -1,4 +1,5 @@
-"""The tiling covers every pair s < t of online positions exactly once, in a valid order."""
+"""The base-b tiling covers every pair s < t of online positions exactly once, in a valid
+order, and its rings are large enough."""
 
 import random
 
@@ -7,11 +8,13 @@ import pytest
 from lcsm_jax.decoding import schedule
 
 
-def _check_plan(plan):
-  """Replays the schedule: blocks read only finished inputs and write only future outputs."""
-  m = plan.num_steps
+def _check_plan(plan, direct_levels=frozenset()):
+  """Replays the schedule: events read only finished inputs and write only future outputs;
+  every pair is accounted for once, both as the FFT levels see it (input block against the
+  rest of its group) and as the direct levels do (the group so far against the next block)."""
+  m, b = plan.num_steps, plan.base
   steps_done = 0
-  cover = {}
+  by_input, by_output = {}, {}
   sizes = set()
   for event in schedule.simulate(plan):
     if event[0] == "step":
@@ -19,33 +22,51 @@ def _check_plan(plan):
       steps_done += 1
       continue
     _, level, end, rows = event
-    size = 1 << level
+    size = b ** level
     sizes.add(size)
-    assert end == steps_done, "a block runs right after the step that completes its inputs"
+    assert end == steps_done, "an event runs right after the step that completes its inputs"
+    assert end % size == 0 and (end // size) % b != 0
     assert end - size >= 0 and 1 <= rows <= size
-    for s in range(end - size, end):
+    inputs, outputs = plan.covered(level, end)
+    for s in inputs:
+      for t in outputs:
+        by_input[(s, t)] = by_input.get((s, t), 0) + 1
+    group_start = end - end % (b * size)
+    for s in range(group_start, end):
       for t in range(end, min(end + rows, m)):
-        cover[(s, t)] = cover.get((s, t), 0) + 1
+        by_output[(s, t)] = by_output.get((s, t), 0) + 1
   assert steps_done == m
   expected = {(s, t) for s in range(m) for t in range(s + 1, m)}
-  assert set(cover) == expected
-  assert all(count == 1 for count in cover.values()), "a pair was covered twice"
+  for cover in (by_input, by_output):
+    assert set(cover) == expected
+    assert all(count == 1 for count in cover.values()), "a pair was covered twice"
   assert sizes == set(plan.block_sizes), (sizes, plan.block_sizes)
-  assert schedule.ring_conflicts(plan) == []
+  assert schedule.ring_conflicts(plan, direct_levels=direct_levels) == []
 
 
 LENGTHS = list(range(0, 130)) + [255, 256, 257, 300, 511, 777, 1000, 1023, 1024, 1025]
 
 
 @pytest.mark.parametrize("num_steps", LENGTHS)
-def test_blocks_cover_every_pair_once(num_steps):
+def test_binary_blocks_cover_every_pair_once(num_steps):
   _check_plan(schedule.FlashPlan(num_steps))
+
+
+@pytest.mark.parametrize("base", [4, 8, 16])
+@pytest.mark.parametrize("num_steps", [0, 1, 2, 3, 4, 5, 15, 16, 17, 63, 64, 65, 100, 255,
+                                       256, 257, 300, 1000])
+def test_base_b_blocks_cover_every_pair_once(base, num_steps):
+  plan = schedule.FlashPlan(num_steps, base)
+  _check_plan(plan)
+  # with the small levels direct (reading their group from its start), rings still suffice
+  _check_plan(plan, direct_levels=frozenset(range(min(2, plan.num_levels))))
+  _check_plan(plan, direct_levels=frozenset(range(plan.num_levels)))
 
 
 def test_random_lengths_cover_every_pair_once():
   rng = random.Random(1234)
   for _ in range(10):
-    _check_plan(schedule.FlashPlan(rng.randrange(2, 1500)))
+    _check_plan(schedule.FlashPlan(rng.randrange(2, 1500), rng.choice(schedule.BASES)))
 
 
 def test_block_sizes_grow_logarithmically():
@@ -53,6 +74,18 @@ def test_block_sizes_grow_logarithmically():
                     ((1 << 20) + 1, 21)]:
     assert schedule.levels_for(m) == levels
     assert schedule.FlashPlan(m).block_sizes == [1 << k for k in range(levels)]
+  assert schedule.FlashPlan(1 << 14, 4).block_sizes == [4 ** k for k in range(7)]
+  assert schedule.FlashPlan((1 << 14) + 1, 16).block_sizes == [1, 16, 256, 4096]
+
+
+def test_distances_and_rows_written():
+  plan = schedule.FlashPlan(16383, 4)
+  assert [plan.distances(k) for k in range(plan.num_levels)] == [3] * 7
+  plan = schedule.FlashPlan(10000, 16)  # top level 4096: blocks starting at 0, 4096, 8192
+  assert plan.distances(plan.num_levels - 1) == 2
+  assert plan.rows_written(plan.num_levels - 1) == 4096
+  plan = schedule.FlashPlan(6000, 16)   # a single top event: the rows up to M only
+  assert plan.distances(3) == 1 and plan.rows_written(3) == 6000 - 4096
 
 
 def test_ring_buffers_hold_half_the_positions():
@@ -61,11 +94,16 @@ def test_ring_buffers_hold_half_the_positions():
   for m in [3, 100, 218, 1000, 1025, (1 << 20) + 1, 3 << 18]:
     assert m / 2 <= schedule.ring_rows(schedule.FlashPlan(m)) < m
   assert schedule.ring_rows(schedule.FlashPlan(0)) == schedule.ring_rows(schedule.FlashPlan(1)) == 1
+  # base b: the largest block size, at most M - 1 and at least M / b
+  for base in (4, 8, 16):
+    for m in [5, 100, 1000, 1 << 14]:
+      assert m / base <= schedule.ring_rows(schedule.FlashPlan(m, base)) < m
 
 
-@pytest.mark.parametrize("num_steps", [3, 4, 5, 17, 64, 100, 257])
-def test_a_smaller_ring_is_caught(num_steps):
-  plan = schedule.FlashPlan(num_steps)
+@pytest.mark.parametrize("base,num_steps", [(2, 3), (2, 4), (2, 5)] + [
+    (base, m) for base in schedule.BASES for m in (17, 64, 100, 257)])
+def test_a_smaller_ring_is_caught(base, num_steps):
+  plan = schedule.FlashPlan(num_steps, base)
   assert schedule.ring_conflicts(plan, schedule.ring_rows(plan) // 2)
 
 
@@ -80,3 +118,6 @@ def test_block_predicate_matches_lowbit():
 def test_invalid_plans_are_rejected():
   with pytest.raises(ValueError, match="num_steps"):
     schedule.FlashPlan(-1)
+  for base in (0, 1, 3, 32, True, 2.0):
+    with pytest.raises(ValueError, match="base"):
+      schedule.FlashPlan(10, base)

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Array = jax.Array
 
@@ -56,13 +57,54 @@ def filter_spectrum(taps: Array, size: int) -> Array:
   return jnp.fft.rfft(window.astype(jnp.float32), n=2 * size)
 
 
+def input_spectrum(inputs: Array) -> Array:
+  """rfft of U inputs zero-padded to 2U points, time on the last axis: (*C, U) -> (*C, U + 1)
+  complex64."""
+  return jnp.fft.rfft(inputs.astype(jnp.float32), n=2 * inputs.shape[-1])
+
+
+def outputs_from_spectrum(spectrum: Array, out_len: int) -> Array:
+  """The second half of the 2U-point inverse, time on the last axis: (*C, U + 1) ->
+  (*C, out_len) float32 (points U .. U + out_len - 1 of the circular product, where a block's
+  outputs land)."""
+  size = spectrum.shape[-1] - 1
+  return jnp.fft.irfft(spectrum, n=2 * size)[..., size:size + out_len]
+
+
 def fft_block(inputs: Array, spectrum: Array, out_len: int) -> Array:
   """Inputs (U, *C), spectrum (*C', U + 1) of taps[0:2U], C' broadcastable to C
   -> (out_len, *C) float32, by one real FFT of size 2U."""
-  size = inputs.shape[0]
-  x = jnp.moveaxis(inputs.astype(jnp.float32), 0, -1)  # (*C, U)
-  y = jnp.fft.irfft(jnp.fft.rfft(x, n=2 * size) * spectrum, n=2 * size)
-  return jnp.moveaxis(y[..., size:size + out_len], -1, 0)
+  product = input_spectrum(jnp.moveaxis(inputs, 0, -1)) * spectrum
+  return jnp.moveaxis(outputs_from_spectrum(product, out_len), -1, 0)
+
+
+def filter_window(taps: Array, start, length: int, offsets: tuple = (),
+                  sizes: tuple = ()) -> Array:
+  """taps[start : start + length] along axis 0, zero where that runs outside the taps.
+
+  `start` may be traced and negative; the result has `length` rows whatever it is (a plain
+  dynamic slice would clamp its start and silently shift the window). `offsets` and `sizes`
+  slice the trailing axes in the same read (default: whole)."""
+  total = taps.shape[0]
+  if total < length:
+    taps = jnp.pad(taps, [(0, length - total)] + [(0, 0)] * (taps.ndim - 1))
+    total = length
+  sizes = tuple(sizes) + taps.shape[1 + len(sizes):]
+  offsets = tuple(offsets) + (0,) * (taps.ndim - 1 - len(offsets))
+  inside = jnp.clip(start, 0, total - length)
+  rows = lax.dynamic_slice(taps, (inside,) + offsets, (length,) + sizes)
+  index = jnp.arange(length) + (start - inside)
+  return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
+
+
+def window_spectra(taps: Array, size: int, distances: int) -> Array:
+  """Spectra of the filter windows taps[(d - 1)U : (d + 1)U] for block distances
+  d = 1 .. `distances`: (T, ..., D) -> (distances, ..., D, U + 1) complex64 (zero past T)."""
+  total = (distances + 1) * size
+  if taps.shape[0] < total:
+    taps = jnp.pad(taps, [(0, total - taps.shape[0])] + [(0, 0)] * (taps.ndim - 1))
+  return jnp.stack([filter_spectrum(taps[(d - 1) * size:], size)
+                    for d in range(1, distances + 1)])
 
 
 def pallas_block(inputs: Array, taps: Array, out_len: int) -> Array:

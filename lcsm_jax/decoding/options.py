@@ -6,6 +6,7 @@ import dataclasses
 from typing import Mapping
 
 from lcsm_jax.decoding import blocks
+from lcsm_jax.decoding.schedule import BASES
 
 TAU_NAMES = ("auto",) + blocks.IMPLEMENTATIONS
 GROUP_BYTES = 1 << 27  # flash blocks whose input window is larger run in groups
@@ -20,6 +21,11 @@ class EngineOptions:
       machine, FFT above; resolved by the `Decoder` when it first sees a batch size), 'direct',
       'fft', 'pallas', an int crossover (direct for block sizes <= tau) or a mapping
       {block size: method}.
+    base: flash's tiling base b (2, 4, 8 or 16): blocks of b^k positions in groups of b,
+      each input block transformed once and its spectrum reused for every later block of its
+      group (2: the paper's binary tiling). Larger bases do fewer and smaller FFTs, at the cost
+      of (b - 1) filter-window spectra per level and frequency-domain accumulators in the
+      state (see the README's memory table).
     layer_parallel: flash runs the blocks of all layers as one batched call (False: one call
       per stream, for ablation).
     precomputed_spectra: flash FFT blocks use filter spectra computed once per model (False:
@@ -36,6 +42,7 @@ class EngineOptions:
   """
 
   tau: str | int | Mapping[int, str] = "auto"
+  base: int = 2
   layer_parallel: bool = True
   precomputed_spectra: bool = True
   spectra_max_size: int | None = 1 << 15
@@ -45,6 +52,9 @@ class EngineOptions:
 
   def __post_init__(self):
     object.__setattr__(self, "tau", check_tau(self.tau))
+    if (not isinstance(self.base, int) or isinstance(self.base, bool)
+        or self.base not in BASES):
+      raise ValueError(f"base must be one of {BASES} (flash's tiling base), got {self.base!r}.")
     for name in ("chunk", "group_bytes"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int):

@@ -1,26 +1,38 @@
-"""The Flash Inference tiling, as a static plan over the online (generated) positions.
+"""The Flash Inference tiling in base b, as a static plan over the online (generated) positions.
 
-Online positions are numbered r = 0 .. M-1 (absolute position = prompt length + r). After the
-step at r, with i = r + 1 < M, the tiling adds the block of size U = lowbit(i) (the largest
-power of two dividing i): inputs r' in [i - U, i) contribute to outputs r'' in [i, i + U).
-Every pair r' < r'' < M is covered exactly once; the diagonal r' = r'' is added inside the step.
+Online positions are numbered r = 0 .. M-1 (absolute position = prompt length + r). Level k has
+blocks of U = b^k positions, gathered in groups of b consecutive blocks (aligned to bU). Inside
+a group, the inputs of block q contribute to the outputs of every later block p of the group:
+the b(b-1)/2 squares U x U below the group's diagonal. Pairs inside one block are left to the
+lower levels and pairs in different groups to the higher ones, so every pair r' < r'' < M is
+covered exactly once; the diagonal r' = r'' is added inside the step. Base 2 is the paper's
+binary tiling (one square per group).
 
-The compiled token loop holds one copy of the block code per block size (level k, U = 2^k),
-guarded by `i % 2U == U`, so compile time grows with log M, not with M. Outputs past M are
-never read: the top level (one block, at i = 2^(K-1)) is truncated to M - 2^(K-1) rows, and the
-other levels write whole blocks, whose rows past M are never read.
+Events: after the step at r, with i = r + 1 < M, level k has an event when U divides i and
+j = (i / U) mod b is not 0: input block q = j - 1 of the current group has just completed, and
+output block p = j starts now. The event delivers every square that ends in block j
+(`outputs [i, i + U)`) and, by FFT, files the new input block's products with the later blocks
+of its group in frequency-domain accumulators, so that each input block is transformed once
+and each output block inverse-transformed once (see `decoding/strategies/flash.py`). The
+squares (q, p) lie at filter lags ((p - q - 1)U, (p - q + 1)U): `distances(level)` filter
+windows per level.
+
+The compiled token loop holds one copy of the event code per level, guarded by its predicate,
+so compile time grows with log_b M, not with M. Outputs past M are never read: a level with a
+single event (M <= 2U) writes M - U rows, the others whole blocks.
 
 Memory: both the stored inputs and the pending outputs live in ring buffers of
-`ring_rows(plan)` = 2^(K-1) rows (the largest block size; M/2 when M is a power of two),
-position r in row r mod 2^(K-1). Every block's rows are contiguous there (blocks are aligned to
-their size, which divides the ring), a block's inputs [i - U, i) are never overwritten before it
-reads them (U <= 2^(K-1)), and the pending positions at any time span fewer than 2^(K-1) rows
-(`ring_conflicts` checks both by replaying the plan).
+`ring_rows(plan)` rows (the largest block size), position r in row r mod R. Every block's rows
+are contiguous there (blocks are aligned to their size, which divides the ring), an event's
+inputs are never overwritten before it reads them, and the pending positions at any time span
+fewer than R rows (`ring_conflicts` checks all three by replaying the plan).
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+BASES = (2, 4, 8, 16)
 
 
 def lowbit(i: int) -> int:
@@ -28,48 +40,87 @@ def lowbit(i: int) -> int:
   return i & -i
 
 
-def levels_for(num_steps: int) -> int:
-  """Number of distinct block sizes the tiling of `num_steps` online steps uses."""
-  return max(num_steps - 1, 0).bit_length()
+def levels_for(num_steps: int, base: int = 2) -> int:
+  """Number of distinct block sizes (levels k with b^k < M) of the tiling of M online steps."""
+  levels, size = 0, 1
+  while size < num_steps:
+    levels, size = levels + 1, size * base
+  return levels
 
 
-def block_sizes(num_steps: int) -> list[int]:
-  """The block sizes 1, 2, 4, ... used for `num_steps` online steps."""
-  return [1 << k for k in range(levels_for(num_steps))]
+def block_sizes(num_steps: int, base: int = 2) -> list[int]:
+  """The block sizes 1, b, b^2, ... used for `num_steps` online steps."""
+  return [base ** k for k in range(levels_for(num_steps, base))]
+
+
+def check_base(base) -> int:
+  if not isinstance(base, int) or isinstance(base, bool) or base not in BASES:
+    raise ValueError(f"the tiling base must be one of {BASES}, got {base!r}.")
+  return base
 
 
 @dataclasses.dataclass(frozen=True)
 class FlashPlan:
-  """Static description of one tiled generation of `num_steps` online positions."""
+  """Static description of one tiled generation of `num_steps` online positions in `base`."""
 
   num_steps: int
+  base: int = 2
 
   def __post_init__(self):
     if self.num_steps < 0:
       raise ValueError(f"num_steps must be >= 0, got {self.num_steps}.")
+    check_base(self.base)
 
   @property
   def num_levels(self) -> int:
-    """K: levels 0 .. K-1 with 2^(K-1) < M <= 2^K."""
-    return levels_for(self.num_steps)
+    """K: levels 0 .. K-1 with b^(K-1) < M <= b^K."""
+    return levels_for(self.num_steps, self.base)
 
   @property
   def block_sizes(self) -> list[int]:
-    return block_sizes(self.num_steps)
+    return block_sizes(self.num_steps, self.base)
+
+  def size(self, level: int) -> int:
+    return self.base ** level
+
+  def distances(self, level: int) -> int:
+    """The block distances p - q (1 .. this) that occur at `level`: b - 1, or fewer at a top
+    level whose single group is cut short by M."""
+    size = self.size(level)
+    blocks = -(-self.num_steps // size)  # blocks that start before M
+    return max(min(self.base - 1, blocks - 1), 0)
 
   def rows_written(self, level: int) -> int:
-    """Output rows every block of `level` writes (static): U, or M - U for the top level."""
-    size = 1 << level
-    return self.num_steps - size if level == self.num_levels - 1 else size
+    """Output rows every event of `level` writes (static): U, or M - U for a level with a
+    single event (M <= 2U)."""
+    size = self.size(level)
+    return self.num_steps - size if self.num_steps <= 2 * size else size
 
   def runs_block(self, level: int, i):
-    """Whether the block of `level` runs after step i - 1 (i an int or a traced integer)."""
-    size = 1 << level
-    return (i % (2 * size) == size) & (i < self.num_steps)
+    """Whether `level` has an event after step i - 1 (i an int or a traced integer)."""
+    size = self.size(level)
+    return (i % size == 0) & ((i // size) % self.base != 0) & (i < self.num_steps)
+
+  def slot(self, level: int, i):
+    """j = (i / U) mod b: the event's output block in its group (1 .. b-1; its completed input
+    block is j - 1)."""
+    return (i // self.size(level)) % self.base
 
   def blocks_after(self, i: int) -> list[tuple[int, int]]:
-    """(level, rows written) of the blocks that run after step i - 1, in execution order."""
+    """(level, rows written) of the events after step i - 1, in execution order."""
     return [(k, self.rows_written(k)) for k in range(self.num_levels) if self.runs_block(k, i)]
+
+  def direct_window(self, level: int) -> int:
+    """Rows of inputs a direct (time-domain) event reads: from its group's start, W = U times
+    `distances(level)`; the rows at and after the event's end are masked."""
+    return self.size(level) * self.distances(level)
+
+  def covered(self, level: int, end: int) -> tuple[range, range]:
+    """(inputs, outputs) of the pairs the event of `level` at `end` accounts for: its input
+    block against the rest of its group (delivered now or through the accumulators)."""
+    size = self.size(level)
+    group_end = (end // (self.base * size) + 1) * self.base * size
+    return range(end - size, end), range(end, min(group_end, self.num_steps))
 
 
 def simulate(plan: FlashPlan) -> list[tuple]:
@@ -81,17 +132,24 @@ def simulate(plan: FlashPlan) -> list[tuple]:
   return events
 
 
-def ring_rows(plan: FlashPlan) -> int:
-  """Rows of the input and pending-output ring buffers: the largest block size (at least 1)."""
-  return 1 << max(plan.num_levels - 1, 0)
+def ring_rows(plan: FlashPlan, top_direct: bool = False) -> int:
+  """Rows of the input and pending-output ring buffers: the largest block size (at least 1),
+  or, when the top level runs directly (`top_direct`), its direct window."""
+  if plan.num_levels == 0:
+    return 1
+  top = plan.num_levels - 1
+  return max(plan.size(top), plan.direct_window(top) if top_direct else 0)
 
 
-def ring_conflicts(plan: FlashPlan, rows: int | None = None) -> list[str]:
+def ring_conflicts(plan: FlashPlan, rows: int | None = None,
+                   direct_levels: frozenset[int] = frozenset()) -> list[str]:
   """Replays the plan on rings of `rows` rows (default `ring_rows`) and lists every violation:
-  a block whose rows wrap around, an input overwritten before a block reads it, or a pending
-  output written over another position's unread one. Empty when the rings are large enough.
+  an event whose rows wrap around, an input overwritten before an event reads it, or a pending
+  output written over another position's unread one. Events of `direct_levels` read their
+  group's inputs from its start (`direct_window` rows). Empty when the rings are large enough.
   """
-  rows = ring_rows(plan) if rows is None else rows
+  if rows is None:
+    rows = ring_rows(plan, plan.num_levels - 1 in direct_levels)
   m, problems = plan.num_steps, []
   inputs: dict[int, int] = {}   # ring row -> position stored there
   pending: dict[int, int] = {}  # ring row -> position whose output accumulates there
@@ -104,10 +162,15 @@ def ring_conflicts(plan: FlashPlan, rows: int | None = None) -> list[str]:
       inputs[r % rows] = r
       continue
     _, level, end, written = event
-    size = 1 << level
-    if (end - size) % rows + size > rows or end % rows + written > rows:
+    size = plan.size(level)
+    if level in direct_levels:
+      first = end - end % (plan.base * size)
+      window = range(first, first + plan.direct_window(level))
+    else:
+      window = range(end - size, end)
+    if window.start % rows + len(window) > rows or end % rows + written > rows:
       problems.append(f"block {size} at {end} wraps around the ring")
-    for s in range(end - size, end):
+    for s in range(window.start, end):
       if inputs.get(s % rows) != s:
         problems.append(f"block {size} at {end} reads input {s}, overwritten")
     for t in range(end, min(end + written, m)):

@@ -37,6 +37,7 @@ TAPS = PartitionSpec(None, None, CHANNELS)               # (positions, streams, 
 ROWS = PartitionSpec(BATCH)                              # (batch, ...)
 ROW_CHANNELS = PartitionSpec(BATCH, CHANNELS)            # (batch, channels)
 SPECTRA = PartitionSpec(None, CHANNELS)                  # (streams, channels, ...)
+WINDOW_SPECTRA = PartitionSpec(None, None, CHANNELS)     # (windows, streams, channels, ...)
 STATES = PartitionSpec(None, BATCH, CHANNELS)            # (streams, batch, channels, ...)
 
 

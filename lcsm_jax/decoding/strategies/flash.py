@@ -1,9 +1,14 @@
-"""'flash': the Flash Inference tiling, O(L log^2 L) (see `decoding/schedule.py`).
+"""'flash': the Flash Inference tiling in base b, O(L log^2 L) (see `decoding/schedule.py`).
 
-After the step at online position r, with i = r + 1, the block of size U = lowbit(i) adds the
-contribution of inputs [i - U, i) to outputs [i, i + U), by direct products for small U and by
-FFTs (with the filter's spectrum precomputed) for large U; all streams, batch rows and channels
-of a block are one batched computation.
+After the step at online position r, with i = r + 1, every level k whose block size U = b^k
+divides i (and whose group does not start at i) has an event: its input block [i - U, i) has
+completed and its output block [i, i + U) starts. Small levels compute the block's outputs
+directly from the group's inputs (the rectangle [group start, i) x [i, i + U)); FFT levels
+transform the completed input block once (a 2U-point FFT), multiply it by the precomputed
+spectra of the filter windows of every later block of its group, file those products in
+frequency-domain accumulators, and inverse-transform the output block [i, i + U) once, with
+every product filed for it. Base 2 is the paper's binary tiling (no accumulators). All
+streams, batch rows and channels of an event are one batched computation.
 """
 
 from __future__ import annotations
@@ -28,18 +33,47 @@ Array = jax.Array
 
 class FlashTables(NamedTuple):
   taps: Array                # (T, S, D)
-  spectra: dict[int, Array]  # {U: (S, D, U + 1)} for the precomputed FFT block sizes
+  spectra: dict[int, Array]  # {U: (distances, S, D, U + 1)} spectra of the filter windows
+                             # taps[(d - 1)U : (d + 1)U] of the precomputed FFT levels
 
 
 class FlashState(NamedTuple):
-  """Rings of R = `schedule.ring_rows` rows; online position r lives in row r mod R."""
+  """Inputs and pending outputs of the online positions, in two tiers (see `Flash.layout`).
 
-  inputs: Array          # (R, S, B, D) inputs of the last R online positions
-  outputs: Array         # (R, S, B, D) pending block outputs of the next R positions
+  Every buffer is channel-major (time on the last axis), the layout of the transforms: with
+  time-major buffers, the transposes around every transform cost more than the transform.
+  The levels of at least `tile` positions (FFT levels) read and write rings of
+  R = `schedule.ring_rows` positions. The steps and the smaller levels use staging buffers
+  of the current tile (small, so that a step's strided column stays in cache), copied to and
+  from the rings once per tile. Online position r lives at r mod R in the rings and at r mod
+  T in the staging buffers.
+  """
+
+  inputs: Array          # (S, B, D, R) inputs of the last R online positions (R = 0 when no
+                         # level runs on the rings)
+  outputs: Array         # (S, B, D, R) pending outputs of the next R positions
+  staged_inputs: Array   # (S, B, D, T) inputs of the current tile (or of the last T positions)
+  staged_outputs: Array  # (S, B, D, T) pending outputs of the current tile
   prompt_inputs: Array   # (P, S, B, D) for 0 < P <= DIRECT_PROMPT_MAX (else 0 rows): the
                          # prompt's contribution is added at every step by P products
   prompt_outputs: Array  # (M, S, B, D) the prompt's contribution to every online position, for
                          # P > DIRECT_PROMPT_MAX (else 0 rows)
+  input_spectra: dict[int, Array] = {}  # {U: (distances - 1, S, B, D, U + 1) complex64}:
+                         # per ring level with base > 2, the spectra of the current group's
+                         # completed input blocks q = 0 .. distances - 2 (slot q)
+
+
+class Layout(NamedTuple):
+  """The static shape of one plan's state (`Flash.layout`)."""
+  plan: schedule.FlashPlan
+  blocks: blocks_lib.BlockConfig
+  tile: int | None   # smallest ring level (every level from it up runs by FFT on the rings);
+                     # None: every level runs on the staging rows
+  ring: int          # R, positions of the rings (0 without ring levels)
+  staged: int        # rows of the staging buffers
+
+  def on_ring(self, level: int) -> bool:
+    return self.tile is not None and self.plan.size(level) >= self.tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +81,7 @@ class Flash(base.MixingStrategy):
   """The tiled schedule.
 
   Attributes:
-    options: the engine's options (tau, layer_parallel, precomputed_spectra,
+    options: the engine's options (tau, base, layer_parallel, precomputed_spectra,
       spectra_max_size, group_bytes are flash's).
     crossover: this machine's direct/FFT crossover, which resolves tau='auto' (None: not
       resolved, allowed for `prepare`, which then keeps spectra for every size).
@@ -71,17 +105,25 @@ class Flash(base.MixingStrategy):
 
   @property
   def tau(self):
-    """The resolved tau: `options.tau`, or the crossover for 'auto' ('auto' if unresolved)."""
+    """The resolved tau: `options.tau`, or for 'auto' ('auto' while unresolved) the crossover
+    measured for binary blocks, scaled to the base: a direct event of base b reads b - 1
+    blocks, so levels run directly up to the largest U = b^k with (b - 1) U <= crossover."""
     if self.options.tau == "auto" and self.crossover is not None:
-      return self.crossover
+      base, size = self.options.base, 1
+      while (base - 1) * size * base <= self.crossover:
+        size *= base
+      return size if base > 2 else self.crossover
     return self.options.tau
 
   @classmethod
   def needs_crossover(cls, options: EngineOptions) -> bool:
     return options.tau == "auto"
 
+  def plan(self, num_steps: int) -> schedule.FlashPlan:
+    return schedule.FlashPlan(num_steps, self.options.base)
+
   def block_config(self, num_steps: int) -> blocks_lib.BlockConfig:
-    return blocks_lib.block_config(schedule.block_sizes(num_steps), self.tau,
+    return blocks_lib.block_config(self.plan(num_steps).block_sizes, self.tau,
                                    pallas_max=self.pallas_max,
                                    layer_parallel=self.options.layer_parallel)
 
@@ -91,35 +133,62 @@ class Flash(base.MixingStrategy):
     if not self.options.precomputed_spectra:
       return []
     limit = self.options.spectra_max_size
-    sizes = [s for s in schedule.block_sizes(length) if limit is None or s <= limit]
+    sizes = [s for s in self.plan(length).block_sizes if limit is None or s <= limit]
     if self.tau == "auto":
       return sizes
     return [s for s in sizes if blocks_lib.method_for(s, self.tau, self.pallas_max) == "fft"]
 
   def prepare(self, taps: Array, aux: Any = None) -> FlashTables:
-    return FlashTables(taps, blocks_lib.spectra_for(taps, self.spectrum_sizes(taps.shape[0])))
+    # A plan of M <= T steps uses a subset of these levels, and at most these distances.
+    plan = self.plan(taps.shape[0])
+    levels = {plan.size(k): k for k in range(plan.num_levels)}
+    return FlashTables(taps, {size: blocks_lib.window_spectra(taps, size,
+                                                              plan.distances(levels[size]))
+                              for size in self.spectrum_sizes(taps.shape[0])})
 
   def table_layout(self, tables: FlashTables) -> FlashTables:
-    return FlashTables(sharding.TAPS, {size: sharding.SPECTRA for size in tables.spectra})
+    return FlashTables(sharding.TAPS, {size: sharding.WINDOW_SPECTRA for size in tables.spectra})
 
   def state_layout(self, state: FlashState) -> FlashState:
-    return FlashState(*(sharding.TIME_MAJOR,) * 4)
+    return FlashState(*(sharding.STATES,) * 4, sharding.TIME_MAJOR, sharding.TIME_MAJOR,
+                      {size: sharding.TIME_MAJOR for size in state.input_spectra})
+
+  def layout(self, num_steps: int) -> Layout:
+    """Which levels run on the rings: the largest ones that all run by FFT."""
+    plan, blocks = self.plan(num_steps), self.block_config(num_steps)
+    tile = None
+    for level in reversed(range(plan.num_levels)):
+      if blocks.method(plan.size(level)) != "fft":
+        break
+      tile = plan.size(level)
+    if tile is None:
+      top_direct = plan.num_levels > 0
+      return Layout(plan, blocks, None, 0, schedule.ring_rows(plan, top_direct))
+    return Layout(plan, blocks, tile, schedule.ring_rows(plan), tile)
 
   def init(self, tables: FlashTables, prompt: Array, prefill: Prefill,
            num_steps: int) -> FlashState:
     length, streams, batch, width = prefill.conv_inputs.shape
-    rows = schedule.ring_rows(schedule.FlashPlan(num_steps))
+    layout = self.layout(num_steps)
+    plan = layout.plan
     zeros = lambda n: jnp.zeros((n, streams, batch, width), jnp.float32)
+    channel_major = lambda n: jnp.zeros((streams, batch, width, n), jnp.float32)
     if 0 < length <= prompt_lib.DIRECT_PROMPT_MAX:
       prompt_state = (prefill.conv_inputs.astype(jnp.float32), zeros(0))
     else:
       prompt_state = (zeros(0), prompt_lib.prompt_contribution(prefill.conv_inputs,
                                                                 tables.taps, num_steps))
-    return FlashState(zeros(rows), zeros(rows), *prompt_state)
+    input_spectra = {
+        plan.size(k): jnp.zeros((plan.distances(k) - 1, streams, batch, width,
+                                 plan.size(k) + 1), jnp.complex64)
+        for k in range(plan.num_levels) if layout.on_ring(k) and plan.distances(k) > 1}
+    return FlashState(channel_major(layout.ring), channel_major(layout.ring),
+                      channel_major(layout.staged), channel_major(layout.staged), *prompt_state,
+                      input_spectra)
 
   def pending(self, tables: FlashTables, state: FlashState, r) -> Array:
-    ring = state.outputs.shape[0]
-    out = base.read_row(state.outputs, r % ring)
+    staged = state.staged_outputs.shape[-1]
+    out = lax.dynamic_index_in_dim(state.staged_outputs, r % staged, axis=3, keepdims=False)
     if state.prompt_outputs.shape[0]:
       out = out + base.read_row(state.prompt_outputs, r)
     if state.prompt_inputs.shape[0]:
@@ -129,65 +198,182 @@ class Flash(base.MixingStrategy):
   def update(self, tables: FlashTables, state: FlashState, r, inputs: Array,
              num_steps: int) -> FlashState:
     """Records the inputs of position r, frees its (already read) pending-output row, then
-    adds every block whose inputs end at r + 1."""
-    plan = schedule.FlashPlan(num_steps)
-    blocks = self.block_config(num_steps)
-    ring = state.inputs.shape[0]
-    state = state._replace(inputs=base.write_row(state.inputs, r % ring, inputs),
-                           outputs=base.write_row(state.outputs, r % ring,
-                                                  jnp.zeros_like(inputs)))
+    runs every level's event after r (whose inputs end at r + 1); at the end of a tile, moves
+    the tile's inputs to the rings, runs the ring levels' events and stages the next tile's
+    pending outputs."""
+    layout = self.layout(num_steps)
+    plan = layout.plan
+    column = lambda buffer, values: lax.dynamic_update_index_in_dim(
+        buffer, values.astype(buffer.dtype), r % layout.staged, axis=3)
+    state = state._replace(staged_inputs=column(state.staged_inputs, inputs),
+                           staged_outputs=column(state.staged_outputs, jnp.zeros_like(inputs)))
     i = r + 1
+    # Loops of zero or one trip; their bodies depend on the trip index j (always 0) so that
+    # XLA cannot hoist the work out of the token loop.
     for level in range(plan.num_levels):
-      # A loop of zero or one trip per level; its body depends on the trip index j (always 0)
-      # so that XLA cannot hoist the block out of the token loop.
-      block = lambda j, s, level=level: self.block(blocks, tables, s, level, i + j,
-                                                   plan.rows_written(level), j)
-      state = lax.fori_loop(0, plan.runs_block(level, i).astype(jnp.int32), block, state)
+      if not layout.on_ring(level):
+        event = lambda j, s, level=level: self.staged_event(layout, tables, s, level, i + j, j)
+        state = lax.fori_loop(0, plan.runs_block(level, i).astype(jnp.int32), event, state)
+    if layout.tile is not None:
+      boundary = (i % layout.tile == 0) & (i < num_steps)
+      state = lax.fori_loop(0, boundary.astype(jnp.int32),
+                            lambda j, s: self.tile_end(layout, tables, s, i + j, j), state)
     return state
 
-  def block(self, blocks: blocks_lib.BlockConfig, tables: FlashTables, state: FlashState,
-            level: int, end, out_len: int, trip=0) -> FlashState:
-    """Adds the block of size 2^level whose inputs end at online position `end`.
+  def tile_end(self, layout: Layout, tables: FlashTables, state: FlashState, end,
+               trip) -> FlashState:
+    """After the tile that ends at online position `end`: its inputs go to the rings, the
+    ring columns staged a tile ago are cleared, the ring levels' events run, and the next
+    tile's pending outputs are staged. (Clearing after the staging read instead made XLA copy
+    the ring, unable to order the read before the write.)"""
+    plan, tile, ring = layout.plan, layout.tile, layout.ring
+    scale = jnp.asarray(1 + trip, jnp.float32)  # the whole staging buffer: see `ring_event`
+    state = state._replace(
+        inputs=lax.dynamic_update_slice_in_dim(
+            state.inputs, state.staged_inputs * scale, (end - tile) % ring, axis=3),
+        outputs=lax.dynamic_update_slice_in_dim(
+            state.outputs, jnp.zeros(state.outputs.shape[:3] + (tile,), jnp.float32),
+            (end - tile) % ring, axis=3))
+    for level in range(plan.num_levels):
+      if layout.on_ring(level):
+        event = lambda j, s, level=level: self.ring_event(layout, tables, s, level, end + j, j)
+        state = lax.fori_loop(0, plan.runs_block(level, end).astype(jnp.int32), event, state)
+    return state._replace(
+        staged_outputs=lax.dynamic_slice_in_dim(state.outputs, end % ring, tile, axis=3))
 
-    trip: the index (always 0) of the 0-or-1-trip loop that runs the block. A block as large
-    as the ring reads the whole ring, whatever `end`; its window is scaled by (1 + trip) = 1 so
-    that it still depends on the loop and XLA cannot hoist its transforms out of it (which would
-    run them at every token)."""
-    size = 1 << level
-    ring, streams, batch, width = state.inputs.shape
-    first, target = (end - size) % ring, end % ring
-    group_streams, chunk = self.group_shape(size, streams, batch, width)
+  def _groups(self, rows: int, shape: tuple[int, int, int], compute, state: FlashState):
+    """Runs compute(state, s, c, (S', B, D')) over the groups of streams and channels of an
+    event reading `rows` input rows (`group_shape`)."""
+    streams, batch, width = shape
+    group_streams, chunk = self.group_shape(rows, streams, batch, width)
     per_stream = width // chunk
     groups = (streams // group_streams) * per_stream
 
-    def add_group(g, outputs):
+    def run_group(g, state):
       s, c = (g // per_stream) * group_streams, (g % per_stream) * chunk
-      window = lax.dynamic_slice(state.inputs, (first, s, 0, c),
-                                 (size, group_streams, batch, chunk))
-      if size == ring:
-        window = window * jnp.asarray(1 + trip, window.dtype)
-      # sliced from the whole table here: a slice taken outside a group loop would be a copy
-      taps = lax.dynamic_slice(tables.taps, (0, s, c),
-                               (min(2 * size, tables.taps.shape[0]), group_streams, chunk))
-      spectra = {size: lax.dynamic_slice(tables.spectra[size], (s, c, 0),
-                                         (group_streams, chunk, size + 1))
-                 } if size in tables.spectra else {}
-      contribution = blocks_lib.apply_block(blocks, window, taps, spectra, out_len)
-      current = lax.dynamic_slice(outputs, (target, s, 0, c),
-                                  (out_len, group_streams, batch, chunk))
-      return lax.dynamic_update_slice(outputs, current + contribution, (target, s, 0, c))
+      return compute(state, s, c, (group_streams, batch, chunk))
 
     if groups == 1:
-      return state._replace(outputs=add_group(0, state.outputs))
-    return state._replace(outputs=lax.fori_loop(0, groups, add_group, state.outputs))
+      return run_group(0, state)
+    return lax.fori_loop(0, groups, run_group, state)
 
-  def group_shape(self, size: int, streams: int, batch: int, width: int) -> tuple[int, int]:
-    """(streams, channels) of one group of a block of `size`: everything when its input window
-    fits in `group_bytes`, else one stream and the widest power-of-two share of D that fits."""
+  def staged_event(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
+                   end, trip=0) -> FlashState:
+    """The event of a level below the tile, on the time-major staging rows: adds the
+    contribution of the group's completed input blocks to the outputs [end, end + U)."""
+    plan = layout.plan
+    size, slot = plan.size(level), plan.slot(level, end)
+    method = layout.blocks.method(size)
+    rows = plan.direct_window(level) if method == "direct" else size
+    staged = layout.staged
+    out_len = plan.rows_written(level)
+
+    def compute(state, s, c, shape):
+      def read(first, count):  # time-major: (count, S', B, D'), small
+        window = lax.dynamic_slice(state.staged_inputs, (s, 0, c, first % staged),
+                                   shape + (count,))
+        if count == staged:
+          window = window * jnp.asarray(1 + trip, window.dtype)
+        return jnp.moveaxis(window, -1, 0)
+
+      if method == "direct":  # the rectangle [group start, end) x [end, end + rows)
+        reach = slot * size  # inputs of the group completed so far
+        window = read(end - reach, rows)
+        if rows > size:  # base > 2: the group's later rows are not inputs yet
+          window = jnp.where((jnp.arange(rows) < reach)[:, None, None, None], window, 0)
+        taps = self._taps(tables, reach - rows, rows + size, s, c, shape)
+        out = blocks_lib.direct_block(window, taps, out_len)
+      else:  # the squares (q, slot), q < slot, one at a time
+        def square(q, out):
+          window = read(end - (slot - q) * size, size)
+          taps = self._taps(tables, (slot - q - 1) * size, 2 * size, s, c, shape)
+          if method == "pallas":
+            return out + blocks_lib.pallas_block(window, taps[:, :, 0, :], out_len).astype(
+                jnp.float32)
+          return out + blocks_lib.fft_block(window, blocks_lib.window_spectra(
+              taps[:, :, 0, :], size, 1)[0][:, None], out_len)
+        out = lax.fori_loop(0, slot, square, jnp.zeros((out_len,) + shape, jnp.float32))
+      out = jnp.moveaxis(out, 0, -1)
+      target = (s, 0, c, end % staged)
+      current = lax.dynamic_slice(state.staged_outputs, target, out.shape)
+      return state._replace(staged_outputs=lax.dynamic_update_slice(
+          state.staged_outputs, current + out, target))
+
+    return self._groups(rows, state.staged_inputs.shape[:3], compute, state)
+
+  def ring_event(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
+                 end, trip=0) -> FlashState:
+    """The event of a ring level (FFT), whose input block ends at online position `end`:
+    transforms the completed input block once, keeps its spectrum for the later blocks of
+    its group, and adds to the outputs [end, end + U) the inverse transform of the products
+    of every completed input block of the group with its filter window.
+
+    trip: the index (always 0) of the 0-or-1-trip loop that runs the event. A window as large
+    as the ring reads the whole ring, whatever `end`; it is scaled by (1 + trip) = 1 so that it
+    still depends on the loop and XLA cannot hoist its transforms out of it (which would run
+    them at every token)."""
+    plan, ring = layout.plan, layout.ring
+    size, slot, distances = plan.size(level), plan.slot(level, end), plan.distances(level)
+
+    def compute(state, s, c, shape):
+      streams, batch, chunk = shape
+      window = lax.dynamic_slice(state.inputs, (s, 0, c, (end - size) % ring),
+                                 shape + (size,))
+      if size == ring:
+        window = window * jnp.asarray(1 + trip, window.dtype)
+      x = blocks_lib.input_spectrum(window)  # (S', B, D', U + 1)
+
+      def window_spectrum(d):  # of the filter window of block distance d: (S', 1, D', U + 1)
+        if size in tables.spectra:
+          return lax.dynamic_slice(tables.spectra[size], (d - 1, s, c, 0),
+                                   (1, streams, chunk, size + 1))[0][:, None]
+        taps = self._taps(tables, (d - 1) * size, 2 * size, s, c, shape)
+        return jnp.fft.rfft(jnp.moveaxis(taps, 0, -1).astype(jnp.float32), n=2 * size)
+
+      product = x * window_spectrum(1)
+      if distances > 1:
+        # Slot q holds the spectrum of the group's input block q (q <= distances - 2: the
+        # last input block of a group feeds no later block). It is written first, then read
+        # by a loop over the traced number of earlier blocks, which leaves the slots in place
+        # (updating per-output accumulators instead made XLA copy them at every event).
+        at = lambda q: (q, s, 0, c, 0)
+        slot_shape = (1,) + shape + (size + 1,)
+        spectra = state.input_spectra[size]
+        keep = jnp.minimum(slot - 1, distances - 2)
+        kept = lax.dynamic_slice(spectra, at(keep), slot_shape)
+        spectra = lax.dynamic_update_slice(spectra, jnp.where(slot < distances, x[None], kept),
+                                           at(keep))
+
+        def add_square(q, product):  # input block q < slot - 1 against output block `slot`
+          earlier = lax.dynamic_slice(spectra, at(q), slot_shape)[0]
+          return product + earlier * window_spectrum(slot - q)
+
+        product = lax.fori_loop(0, slot - 1, add_square, product)
+        state = state._replace(input_spectra={**state.input_spectra, size: spectra})
+      out = blocks_lib.outputs_from_spectrum(product, plan.rows_written(level))
+      target = (s, 0, c, end % ring)
+      current = lax.dynamic_slice(state.outputs, target, out.shape)
+      return state._replace(outputs=lax.dynamic_update_slice(state.outputs, current + out,
+                                                             target))
+
+    return self._groups(size, state.staged_inputs.shape[:3], compute, state)
+
+  @staticmethod
+  def _taps(tables: FlashTables, start, rows: int, s, c, shape) -> Array:
+    """Filter rows [start, start + rows) of the group's streams and channels (zero outside
+    the taps), as (rows, S', 1, D')."""
+    streams, _, chunk = shape
+    return blocks_lib.filter_window(tables.taps, start, rows, (s, c),
+                                    (streams, chunk))[:, :, None, :]
+
+  def group_shape(self, rows: int, streams: int, batch: int, width: int) -> tuple[int, int]:
+    """(streams, channels) of one group of an event reading `rows` input rows: everything
+    when its input window fits in `group_bytes` (and blocks are layer-parallel), else one
+    stream and the widest power-of-two share of D that fits."""
     group_bytes = self.options.group_bytes
-    if size * streams * batch * width * 4 <= group_bytes:
+    if self.options.layer_parallel and rows * streams * batch * width * 4 <= group_bytes:
       return streams, width
     chunk = width
-    while chunk % 2 == 0 and size * batch * chunk * 4 > group_bytes:
+    while chunk % 2 == 0 and rows * batch * chunk * 4 > group_bytes:
       chunk //= 2
     return 1, chunk
