@@ -55,8 +55,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        **fv)
   flags.DEFINE_list("strategies", ["flash", "lazy", "eager", "recompute"], "Strategies to "
                     "time.", **fv)
-  flags.DEFINE_list("bases", ["2"], "Flash tiling bases to time (EngineOptions.base); base 2 "
-                    "is reported as 'flash', base b as 'flash_b<b>'.", **fv)
+  flags.DEFINE_list("bases", [str(EngineOptions().base)], "Flash tiling bases to time "
+                    "(EngineOptions.base); the engine's default base is reported as 'flash', "
+                    "base b as 'flash_b<b>'.", **fv)
   flags.DEFINE_list("step_weights", ["float32"], "lm: dtypes of the step's dense kernels "
                     "(float32, bfloat16), each measured in this run.", **fv)
   flags.register_validator(
@@ -72,7 +73,7 @@ def run_benchmark(model: str, length: int, layers: int, width: int, inner_width:
                   order: int, batch: int, strategies, tau, repeats: int, sample_above: int,
                   sample_points: int, sample_steps: int, sample_recompute_above: int = 256,
                   eager_max: int = 8192, recompute_sample_steps: int = 4, out=None,
-                  bandwidth_megabytes: int = 256, bases=(2,), *,
+                  bandwidth_megabytes: int = 256, bases=(EngineOptions().base,), *,
                   step_weights: str = "float32") -> dict:
   """Measures one configuration; returns its result table (and stores it in `out` if given).
   `step_weights` (keyword, lm): 'float32' or 'bfloat16', see `lcsm_jax.Decoder`.
@@ -106,15 +107,19 @@ def run_benchmark(model: str, length: int, layers: int, width: int, inner_width:
   result = {"machine": machine.machine(), "config": dict(config, streams=work.streams),
             "offline_forward": offline, "read_bandwidth_bytes_per_second": bandwidth,
             "strategies": {}}
-  runs = [(s, 2) for s in strategies if s != "flash"]
+  default_base = EngineOptions().base
+  runs = [(s, None) for s in strategies if s != "flash"]
   if "flash" in strategies:
     runs = [("flash", int(b)) for b in bases] + runs
   for strategy, base in runs:
-    name = strategy if base == 2 else f"{strategy}_b{base}"
+    name = strategy if base in (None, default_base) else f"{strategy}_b{base}"
+    # tau and base are flash's only; base 2 stays out of the key (the points measured before
+    # bases existed are base 2)
     key = dict(config, what="generate", strategy=strategy,
-               tau=tau if strategy == "flash" else None,  # tau and base are flash's only
-               **({"base": base} if base != 2 else {}), **sampling.key(strategy, length))
-    run_options = EngineOptions.create(options, base=base)
+               tau=tau if strategy == "flash" else None,
+               **({"base": base} if base not in (None, 2) else {}),
+               **sampling.key(strategy, length))
+    run_options = EngineOptions.create(options, base=base or default_base)
     entry = dict(point(key, lambda s=strategy, o=run_options: sampling_lib.measure_strategy(
         work, params, s, length, o, repeats, sampling)))
     entry["vs_offline_forward"] = entry["total_seconds"] / offline["seconds"]

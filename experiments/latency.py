@@ -1,5 +1,7 @@
 r"""Per-token latency of flash generation: its distribution and where the spikes fall.
 
+Measures the paper's binary schedule (`EngineOptions(base=2)`), whose block sizes it models.
+
   python -m experiments.latency                      # small default: stack, L = 1024
   python -m experiments.latency --length=65536 --passes=3
 
@@ -119,7 +121,7 @@ def block_seconds(work: Workload, params, length: int, options: EngineOptions,
 
 
 def _measure(work, length, tau, passes, repeats, spikes, path) -> dict:
-  options = EngineOptions(tau=tau)
+  options = EngineOptions(tau=tau, base=2)  # the binary schedule, whose blocks it models
   num_steps = length - 1
   params = work.params()
 

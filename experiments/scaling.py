@@ -48,6 +48,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags_lib.define_sampling_flags(flag_values)
   flags.DEFINE_list("lengths", ["256", "512", "1024"], "Lengths L for every strategy.", **fv)
   flags.DEFINE_list("flash_lengths", [], "Further lengths for flash only.", **fv)
+  flags.DEFINE_enum("base", "2", ["2", "4", "8", "16"], "Flash's tiling base "
+                    "(EngineOptions.base).", **fv)
   flags.DEFINE_list("strategies", list(STRATEGIES), "Strategies.", **fv)
   flags.DEFINE_list("fit_range", ["4096", "65536"], "Lengths between which the exponent is "
                     "fitted.", **fv)
@@ -114,23 +116,24 @@ def replot(out, model: dict, long_run: str = "") -> list[dict]:
 def run_scaling(work_of, lengths, flash_lengths, strategies, tau, repeats: int,
                 sampling: sampling_lib.Sampling, fit_range=(4096, 65536),
                 check_memory_above: int = 131072, memory_fraction: float = 0.85,
-                out=None, long_run: str = "") -> dict:
+                out=None, long_run: str = "", base: int = 2) -> dict:
   """Measures every (strategy, L); returns {"rows": [...], "fits": {...}, "skipped": [...]}.
 
   work_of: L -> `lib.workloads.Workload` of that length (max_length >= L).
   """
   store = store_lib.Store(out)
-  options = EngineOptions(tau=tau)
+  options = EngineOptions(tau=tau, base=base)
+  flash_key = {"base": base} if base != 2 else {}  # flash's tiling base (2: older stores)
   plan = [(s, n) for n in lengths for s in strategies]
   plan += [("flash", n) for n in flash_lengths if "flash" in strategies and n not in lengths]
   rows, skipped = [], []
   for length in sorted({n for _, n in plan}):
     work = work_of(length)
-    base = dict(work.describe(), length=length, repeats=repeats)
+    config = dict(work.describe(), length=length, repeats=repeats)
     todo = [s for s, n in plan if n == length]
     if length >= check_memory_above:
-      estimate = store.run(store_lib.key_of(**base, what="estimate", strategy="flash",
-                                            tau=tau),
+      estimate = store.run(store_lib.key_of(**config, what="estimate", strategy="flash",
+                                            tau=tau, **flash_key),
                            lambda: work.estimate("flash", length, options))
       ok, why = machine.fits_in_memory(estimate["peak_bytes"], memory_fraction)
       if not ok:
@@ -150,11 +153,12 @@ def run_scaling(work_of, lengths, flash_lengths, strategies, tau, repeats: int,
       return {"total_seconds": entry.pop("seconds"), **entry, "method": "full",
               "sampled": False}
 
-    entry = store.run(store_lib.key_of(**base, what="offline_forward"), forward)
+    entry = store.run(store_lib.key_of(**config, what="offline_forward"), forward)
     rows.append(_row("forward", length, entry))
     for strategy in todo:
-      key = dict(base, what="generate", strategy=strategy,
+      key = dict(config, what="generate", strategy=strategy,
                  tau=tau if strategy == "flash" else None,
+                 **(flash_key if strategy == "flash" else {}),
                  **sampling.key(strategy, length))
       entry = store.run(store_lib.key_of(**key), lambda s=strategy: (
           sampling_lib.measure_strategy(work, get_params(), s, length, options, repeats,
@@ -228,7 +232,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   run_scaling(work_of, lengths, flash_lengths,
               f.strategies, flags_lib.tau(f), f.repeats,
               flags_lib.sampling_from_flags(f), tuple(int(n) for n in f.fit_range),
-              f.check_memory_above, f.memory_fraction, f.out, f.long_run)
+              f.check_memory_above, f.memory_fraction, f.out, f.long_run, int(f.base))
 
 
 if __name__ == "__main__":

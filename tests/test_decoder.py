@@ -228,10 +228,15 @@ def test_memory_estimates_run_nothing(params):
   assert all(v > 0 for v in parts.values())
   state = decoder.state_shape(3, 5)
   assert isinstance(state.logits, jax.ShapeDtypeStruct) and state.logits.shape == (3, 16)
-  # flash keeps channel-major rings of 2^(K-1) positions for M = 35 online positions: 32 of
-  # (S, B, D), and staging buffers of one tile (tau=2: the FFT levels start at 4)
-  assert state.engine.strategy.inputs.shape == (2, 3, 8, 32)
-  assert state.engine.strategy.staged_inputs.shape == (2, 3, 8, 4)
+  # flash (base 4) keeps channel-major rings of its largest block size, 16 positions for
+  # M = 35 online positions, staging buffers of one tile (tau=2: the FFT levels start at 4)
+  # and the spectra of the input blocks of the current group (two slots of U + 1 = 17 values
+  # for the top level, whose group has blocks 0, 1, 2 below M)
+  strategy_state = state.engine.strategy
+  assert strategy_state.inputs.shape == (2, 3, 8, 16)
+  assert strategy_state.staged_inputs.shape == (2, 3, 8, 4)
+  assert {u: x.shape for u, x in strategy_state.input_spectra.items()} == {
+      4: (2, 2, 3, 8, 5), 16: (1, 2, 3, 8, 17)}
   assert decoder._tables is None  # pylint: disable=protected-access
 
 

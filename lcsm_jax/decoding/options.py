@@ -23,16 +23,20 @@ class EngineOptions:
       {block size: method}.
     base: flash's tiling base b (2, 4, 8 or 16): blocks of b^k positions in groups of b,
       each input block transformed once and its spectrum reused for every later block of its
-      group (2: the paper's binary tiling). Larger bases do fewer and smaller FFTs, at the cost
-      of (b - 1) filter-window spectra per level and frequency-domain accumulators in the
-      state (see the README's memory table).
+      group (2: the paper's binary tiling; 4, the default, was fastest on this machine:
+      WORKSPACE.md). Larger bases have fewer levels, at the cost of (b - 1) filter-window
+      spectra per level and the input blocks' spectra in the state (see the README's
+      memory table).
     layer_parallel: flash runs the blocks of all layers as one batched call (False: one call
       per stream, for ablation).
     precomputed_spectra: flash FFT blocks use filter spectra computed once per model (False:
       transform the filter slice in every block, for ablation).
-    spectra_max_size: spectra are precomputed up to this block size (None: all). The few
-      larger blocks of a long generation transform their filter slice themselves, which keeps
-      the tables near the size of the filters (all sizes would cost twice the filters' bytes).
+    spectra_max_size: spectra are precomputed up to this block size (None: all; 'auto':
+      2^15 with base 2, all with larger bases). The few larger blocks of a long binary
+      generation transform their filter slice themselves, which keeps the tables near the
+      size of the filters (all sizes would cost twice the filters' bytes); with base b, a
+      level reuses each filter window in b(b - 1)/2 squares per group, so every level keeps
+      its spectra.
     group_bytes: flash blocks whose input window exceeds this many bytes run in groups of one
       stream and part of the channels, bounding their FFT temporaries.
     chunk: positions per inner iteration of the lazy and eager strategies (a power of two).
@@ -42,10 +46,10 @@ class EngineOptions:
   """
 
   tau: str | int | Mapping[int, str] = "auto"
-  base: int = 2
+  base: int = 4
   layer_parallel: bool = True
   precomputed_spectra: bool = True
-  spectra_max_size: int | None = 1 << 15
+  spectra_max_size: int | None | str = "auto"
   group_bytes: int = GROUP_BYTES
   chunk: int = 256
   check_memory: bool = True
@@ -61,10 +65,10 @@ class EngineOptions:
         raise TypeError(f"{name} must be an integer, got {value!r}.")
     if self.chunk < 1 or self.chunk & (self.chunk - 1):
       raise ValueError(f"chunk must be a power of two >= 1, got {self.chunk}.")
-    if self.spectra_max_size is not None and (
+    if self.spectra_max_size is not None and self.spectra_max_size != "auto" and (
         isinstance(self.spectra_max_size, bool) or not isinstance(self.spectra_max_size, int)
         or self.spectra_max_size < 1):
-      raise ValueError(f"spectra_max_size must be an integer >= 1 or None, got "
+      raise ValueError(f"spectra_max_size must be an integer >= 1, 'auto' or None, got "
                        f"{self.spectra_max_size!r}.")
     if self.group_bytes < 0:
       raise ValueError(f"group_bytes must be >= 0, got {self.group_bytes}.")

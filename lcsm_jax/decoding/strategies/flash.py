@@ -30,6 +30,9 @@ from lcsm_jax.models.interface import Prefill
 
 Array = jax.Array
 
+BINARY_SPECTRA_MAX = 1 << 15  # spectra_max_size='auto' with base 2
+VECTORISED_SQUARES_MAX = 64  # ring levels up to this block size add their squares at once
+
 
 class FlashTables(NamedTuple):
   taps: Array                # (T, S, D)
@@ -133,6 +136,8 @@ class Flash(base.MixingStrategy):
     if not self.options.precomputed_spectra:
       return []
     limit = self.options.spectra_max_size
+    if limit == "auto":
+      limit = BINARY_SPECTRA_MAX if self.options.base == 2 else None
     sizes = [s for s in self.plan(length).block_sizes if limit is None or s <= limit]
     if self.tau == "auto":
       return sizes
@@ -269,31 +274,31 @@ class Flash(base.MixingStrategy):
     out_len = plan.rows_written(level)
 
     def compute(state, s, c, shape):
-      def read(first, count):  # time-major: (count, S', B, D'), small
+      def read(first, count):  # (S', B, D', count)
         window = lax.dynamic_slice(state.staged_inputs, (s, 0, c, first % staged),
                                    shape + (count,))
         if count == staged:
           window = window * jnp.asarray(1 + trip, window.dtype)
-        return jnp.moveaxis(window, -1, 0)
+        return window
 
       if method == "direct":  # the rectangle [group start, end) x [end, end + rows)
         reach = slot * size  # inputs of the group completed so far
         window = read(end - reach, rows)
         if rows > size:  # base > 2: the group's later rows are not inputs yet
-          window = jnp.where((jnp.arange(rows) < reach)[:, None, None, None], window, 0)
-        taps = self._taps(tables, reach - rows, rows + size, s, c, shape)
-        out = blocks_lib.direct_block(window, taps, out_len)
+          window = jnp.where(jnp.arange(rows) < reach, window, 0)
+        out = blocks_lib.direct_block_time_last(
+            window, self._direct_taps(tables, rows, size, reach, s, c, shape), out_len)
       else:  # the squares (q, slot), q < slot, one at a time
         def square(q, out):
-          window = read(end - (slot - q) * size, size)
+          window = jnp.moveaxis(read(end - (slot - q) * size, size), -1, 0)
           taps = self._taps(tables, (slot - q - 1) * size, 2 * size, s, c, shape)
           if method == "pallas":
             return out + blocks_lib.pallas_block(window, taps[:, :, 0, :], out_len).astype(
                 jnp.float32)
           return out + blocks_lib.fft_block(window, blocks_lib.window_spectra(
               taps[:, :, 0, :], size, 1)[0][:, None], out_len)
-        out = lax.fori_loop(0, slot, square, jnp.zeros((out_len,) + shape, jnp.float32))
-      out = jnp.moveaxis(out, 0, -1)
+        out = jnp.moveaxis(lax.fori_loop(0, slot, square,
+                                         jnp.zeros((out_len,) + shape, jnp.float32)), 0, -1)
       target = (s, 0, c, end % staged)
       current = lax.dynamic_slice(state.staged_outputs, target, out.shape)
       return state._replace(staged_outputs=lax.dynamic_update_slice(
@@ -344,11 +349,22 @@ class Flash(base.MixingStrategy):
         spectra = lax.dynamic_update_slice(spectra, jnp.where(slot < distances, x[None], kept),
                                            at(keep))
 
-        def add_square(q, product):  # input block q < slot - 1 against output block `slot`
-          earlier = lax.dynamic_slice(spectra, at(q), slot_shape)[0]
-          return product + earlier * window_spectrum(slot - q)
+        if size <= VECTORISED_SQUARES_MAX and size in tables.spectra:
+          # small blocks: every slot at once, masked (a loop costs more than its work here);
+          # windows[q] = the spectrum of distance slot - q, a slice of the reversed table
+          table = lax.dynamic_slice(tables.spectra[size], (0, s, c, 0),
+                                    (distances, streams, chunk, size + 1))
+          reverse = jnp.pad(table[::-1], [(0, distances - 1), (0, 0), (0, 0), (0, 0)])
+          windows = lax.dynamic_slice_in_dim(reverse, distances - slot, distances - 1, axis=0)
+          earlier = jnp.arange(distances - 1)[:, None, None, None, None] < slot - 1
+          slots = lax.dynamic_slice(spectra, at(0), (distances - 1,) + slot_shape[1:])
+          product = product + jnp.where(earlier, slots * windows[:, :, None], 0).sum(axis=0)
+        else:
+          def add_square(q, product):  # input block q < slot - 1 against output block `slot`
+            earlier = lax.dynamic_slice(spectra, at(q), slot_shape)[0]
+            return product + earlier * window_spectrum(slot - q)
 
-        product = lax.fori_loop(0, slot - 1, add_square, product)
+          product = lax.fori_loop(0, slot - 1, add_square, product)
         state = state._replace(input_spectra={**state.input_spectra, size: spectra})
       out = blocks_lib.outputs_from_spectrum(product, plan.rows_written(level))
       target = (s, 0, c, end % ring)
@@ -357,6 +373,18 @@ class Flash(base.MixingStrategy):
                                                              target))
 
     return self._groups(size, state.staged_inputs.shape[:3], compute, state)
+
+  @staticmethod
+  def _direct_taps(tables: FlashTables, rows: int, size: int, reach, s, c, shape) -> Array:
+    """Taps [reach - rows, reach + size) of the group's streams and channels, zero before 0,
+    channel-major: (S', 1, D', rows + size). Sliced from a padded copy of the first taps
+    that does not depend on the step (XLA computes it once per call, outside the loop)."""
+    streams, _, chunk = shape
+    head = tables.taps[:rows + size]
+    padded = jnp.pad(head, [(rows, rows + size - head.shape[0]), (0, 0), (0, 0)])
+    channel_major = jnp.moveaxis(padded, 0, -1).astype(jnp.float32)  # (S, D, 2 rows + size)
+    return lax.dynamic_slice(channel_major, (s, c, reach),
+                             (streams, chunk, rows + size))[:, None]
 
   @staticmethod
   def _taps(tables: FlashTables, start, rows: int, s, c, shape) -> Array:
