@@ -125,3 +125,32 @@ def test_crossover_cache_is_per_cpu_model(tmp_path, monkeypatch):
   assert crossover_lib.crossover(300) == 16 and measured == [300]
   assert json.loads(crossover_lib.cache_path().read_text())[other] == {"crossover": 2}
   assert crossover_lib.crossover(300) == 16 and measured == [300]  # now read from the cache
+
+
+@pytest.mark.parametrize("start", [-5, -1, 0, 3, 9, 14])
+def test_filter_window_zero_fills_outside_the_taps(start):
+  taps = np.arange(1, 13, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)  # (12, 3)
+  expected = np.stack([taps[t] if 0 <= t < 12 else np.zeros(3, np.float32)
+                       for t in range(start, start + 6)])
+  traced = jax.jit(lambda t, s: blocks.filter_window(t, s, 6))(taps, start)
+  np.testing.assert_array_equal(traced, expected)
+  if 0 <= start <= 6:  # a static start inside the taps is a plain slice
+    np.testing.assert_array_equal(blocks.filter_window(jnp.asarray(taps), start, 6), expected)
+  # trailing axes sliced in the same read
+  np.testing.assert_array_equal(
+      jax.jit(lambda t, s: blocks.filter_window(t, s, 6, (1,), (2,)))(taps, start),
+      expected[:, 1:3])
+
+
+@pytest.mark.parametrize("distances", [1, 3])
+def test_window_spectra_are_the_filter_windows_spectra(distances):
+  rng = np.random.default_rng(distances)
+  taps = rng.standard_normal((21, 2, 3)).astype(np.float32)
+  size = 4
+  spectra = blocks.window_spectra(jnp.asarray(taps), size, distances)
+  chex.assert_shape(spectra, (distances, 2, 3, size + 1))
+  padded = np.concatenate([taps, np.zeros((16, 2, 3), np.float32)])
+  for d in range(1, distances + 1):
+    window = padded[(d - 1) * size:(d + 1) * size]
+    np.testing.assert_allclose(spectra[d - 1], np.fft.rfft(np.moveaxis(window, 0, -1)),
+                               rtol=1e-5, atol=1e-5)

@@ -111,10 +111,14 @@ def filter_window(taps: Array, start, length: int, offsets: tuple = (),
     total = length
   sizes = tuple(sizes) + taps.shape[1 + len(sizes):]
   offsets = tuple(offsets) + (0,) * (taps.ndim - 1 - len(offsets))
+  if isinstance(start, int) and 0 <= start <= total - length:  # static: no gather
+    return lax.dynamic_slice(taps, (start,) + offsets, (length,) + sizes)
   inside = jnp.clip(start, 0, total - length)
   rows = lax.dynamic_slice(taps, (inside,) + offsets, (length,) + sizes)
   index = jnp.arange(length) + (start - inside)
-  return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
+  inside_taps = ((index >= 0) & (index < length)).reshape((length,) + (1,) * (taps.ndim - 1))
+  # jnp.take would wrap negative indices around: clip, then zero what lies outside
+  return jnp.where(inside_taps, jnp.take(rows, jnp.clip(index, 0, length - 1), axis=0), 0)
 
 
 def window_spectra(taps: Array, size: int, distances: int) -> Array:
