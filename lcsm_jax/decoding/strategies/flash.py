@@ -38,6 +38,9 @@ class FlashTables(NamedTuple):
   taps: Array                # (T, S, D)
   spectra: dict[int, Array]  # {U: (distances, S, D, U + 1)} spectra of the filter windows
                              # taps[(d - 1)U : (d + 1)U] of the precomputed FFT levels
+  reversed_spectra: dict[int, Array] = {}  # {U: (2 distances - 1, S, D, U + 1)} for the
+                             # levels up to VECTORISED_SQUARES_MAX with more than one distance:
+                             # windows d = distances .. 1, then zeros (see `ring_event`)
 
 
 class FlashState(NamedTuple):
@@ -147,12 +150,18 @@ class Flash(base.MixingStrategy):
     # A plan of M <= T steps uses a subset of these levels, and at most these distances.
     plan = self.plan(taps.shape[0])
     levels = {plan.size(k): k for k in range(plan.num_levels)}
-    return FlashTables(taps, {size: blocks_lib.window_spectra(taps, size,
-                                                              plan.distances(levels[size]))
-                              for size in self.spectrum_sizes(taps.shape[0])})
+    spectra = {size: blocks_lib.window_spectra(taps, size, plan.distances(levels[size]))
+               for size in self.spectrum_sizes(taps.shape[0])}
+    reversed_spectra = {
+        size: jnp.pad(table[::-1], [(0, table.shape[0] - 1)] + [(0, 0)] * 3)
+        for size, table in spectra.items()
+        if size <= VECTORISED_SQUARES_MAX and table.shape[0] > 1}
+    return FlashTables(taps, spectra, reversed_spectra)
 
   def table_layout(self, tables: FlashTables) -> FlashTables:
-    return FlashTables(sharding.TAPS, {size: sharding.WINDOW_SPECTRA for size in tables.spectra})
+    return FlashTables(sharding.TAPS,
+                       {size: sharding.WINDOW_SPECTRA for size in tables.spectra},
+                       {size: sharding.WINDOW_SPECTRA for size in tables.reversed_spectra})
 
   def state_layout(self, state: FlashState) -> FlashState:
     return FlashState(*(sharding.STATES,) * 4, sharding.TIME_MAJOR, sharding.TIME_MAJOR,
@@ -349,13 +358,15 @@ class Flash(base.MixingStrategy):
         spectra = lax.dynamic_update_slice(spectra, jnp.where(slot < distances, x[None], kept),
                                            at(keep))
 
-        if size <= VECTORISED_SQUARES_MAX and size in tables.spectra:
+        if size in tables.reversed_spectra:
           # small blocks: every slot at once, masked (a loop costs more than its work here);
           # windows[q] = the spectrum of distance slot - q, a slice of the reversed table
-          table = lax.dynamic_slice(tables.spectra[size], (0, s, c, 0),
-                                    (distances, streams, chunk, size + 1))
-          reverse = jnp.pad(table[::-1], [(0, distances - 1), (0, 0), (0, 0), (0, 0)])
-          windows = lax.dynamic_slice_in_dim(reverse, distances - slot, distances - 1, axis=0)
+          # (made in `prepare`: made here, XLA hoisted it out of the token loop, which then
+          # cost 3 ms per call of one token)
+          reverse = tables.reversed_spectra[size]
+          first = reverse.shape[0] // 2 + 1 - slot  # the table's distances, >= this plan's
+          windows = lax.dynamic_slice(reverse, (first, s, c, 0),
+                                      (distances - 1, streams, chunk, size + 1))
           earlier = jnp.arange(distances - 1)[:, None, None, None, None] < slot - 1
           slots = lax.dynamic_slice(spectra, at(0), (distances - 1,) + slot_shape[1:])
           product = product + jnp.where(earlier, slots * windows[:, :, None], 0).sum(axis=0)
