@@ -1,13 +1,19 @@
 r"""Per-token latency of flash generation: its distribution and where the spikes fall.
 
-Measures the paper's binary schedule (`EngineOptions(base=2)`), whose block sizes it models.
-
   python -m experiments.latency                      # small default: stack, L = 1024
   python -m experiments.latency --length=65536 --passes=3
+  python -m experiments.latency --length=16384 --base=4 --smooth=false,true --passes=3
 
-Flash's work is uneven: after the step at position i it adds one block of size U = lowbit(i)
-(the largest power of two dividing i), so most tokens are cheap and every 2^k-th one pays a
-block of 2^k. Two measurements, no host callbacks in either:
+--base and --smooth (`EngineOptions.base`, `EngineOptions.smooth`; several --smooth values are
+measured side by side in one run, each against the first) choose the schedule. The in-loop
+split by block size models the binary schedule (base 2, not smoothed) only; other schedules
+report the compiled run's total.
+
+Flash's work is uneven: in the binary schedule, after the step at position i it adds one block
+of size U = lowbit(i) (the largest power of two dividing i), so most tokens are cheap and every
+2^k-th one pays a block of 2^k (base b: the largest power of b dividing i). The smoothed
+schedule spreads the large blocks over the steps before they are due. Two measurements, no
+host callbacks in either:
 
 - measured: the public API called for one position at a time from Python
   (`lcsm_jax.decoding.Rollout.run(state, 1)` for the stack, `lcsm_jax.Decoder.score(state,
@@ -56,24 +62,62 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("passes", 2, "Timed passes of the single-position loop (after one "
                        "warm-up pass); per position the median.", **fv)
   flags.DEFINE_integer("spikes", 10, "Largest latencies listed.", **fv)
+  flags.DEFINE_enum("base", "2", [str(b) for b in schedule.BASES], "Flash's tiling base.", **fv)
+  flags.DEFINE_list("smooth", ["false"], "EngineOptions.smooth values measured side by side: "
+                    "false, true or a block size.", **fv)
+  flags.register_validator("smooth", lambda v: bool(v) and all(_valid_smooth(x) for x in v),
+                           "smooth values must be false, true or integers >= 1.", **fv)
   flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "latency.json")
 
 
-def lowbits(num_steps: int) -> np.ndarray:
-  """U = lowbit(i) of the block after online position r = i - 1 (0 for the last position,
-  which adds no block)."""
+def _valid_smooth(text: str) -> bool:
+  try:
+    parse_smooth(text)
+    return True
+  except ValueError:
+    return False
+
+
+def parse_smooth(text: str) -> bool | int:
+  """An `EngineOptions.smooth` value given as text: false, true or a block size >= 1."""
+  if text.lower() in ("false", "true"):
+    return text.lower() == "true"
+  value = int(text)
+  if value < 1:
+    raise ValueError(f"smooth must be false, true or a block size >= 1, got {text!r}.")
+  return value
+
+
+def lowbits(num_steps: int, base: int = 2) -> np.ndarray:
+  """U = the largest power of `base` dividing i, for the position after online step
+  r = i - 1 (0 for the last position, which adds no block); base 2: lowbit(i)."""
   i = np.arange(1, num_steps + 1, dtype=np.int64)
-  return np.where(i < num_steps, i & -i, 0)
+  size = np.ones_like(i)
+  while True:
+    more = (i % (size * base) == 0) & (size * base < num_steps)
+    if not more.any():
+      break
+    size = np.where(more, size * base, size)
+  return np.where(i < num_steps, size, 0)
+
+
+def variant_name(smooth: bool | int) -> str:
+  if isinstance(smooth, bool):
+    return "smoothed" if smooth else "plain"
+  return f"smoothed_above_{smooth}"
 
 
 def run_latency(work: Workload, length: int, tau, passes: int, repeats: int,
-                spikes: int, out) -> dict:
-  """Measures both ways; returns the summary (also stored in `out` under its config key)."""
+                spikes: int, out, base: int = 2, smooth=(False,)) -> dict:
+  """Measures both ways; returns the summary (also stored in `out` under its config key).
+  With base 2 and smooth=(False,), the key of the runs made before --base and --smooth."""
   store = store_lib.Store(out)
+  extra = {} if (base, tuple(smooth)) == (2, (False,)) else dict(
+      base=base, smooth=[variant_name(v) for v in smooth])
   key = store_lib.key_of(**work.describe(), length=length, tau=tau, passes=passes,
-                         repeats=repeats)
+                         repeats=repeats, **extra)
   summary = store.run(key, lambda: _measure(work, length, tau, passes, repeats, spikes,
-                                            store.path))
+                                            store.path, base, tuple(smooth)))
   return summary
 
 
@@ -120,89 +164,121 @@ def block_seconds(work: Workload, params, length: int, options: EngineOptions,
   return seconds
 
 
-def _measure(work, length, tau, passes, repeats, spikes, path) -> dict:
-  options = EngineOptions(tau=tau, base=2)  # the binary schedule, whose blocks it models
+def _stats(x) -> dict:
+  return {"median": float(np.median(x)), "mean": float(np.mean(x)),
+          "p90": float(np.percentile(x, 90)), "p99": float(np.percentile(x, 99)),
+          "p999": float(np.percentile(x, 99.9)), "max": float(np.max(x)),
+          "argmax_position": int(np.argmax(x)) + 1}
+
+
+def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
+             smooth=(False,)) -> dict:
   num_steps = length - 1
   params = work.params()
-
-  # measured: single positions through the public API
-  measured = single_positions(work, params, length, options, passes)
-
-  # in_loop: the compiled run's total, split by block size
-  total = sampling_lib.measure_strategy(work, params, "flash", length, options, repeats)
-  sizes = lowbits(num_steps)
-  level_seconds = block_seconds(work, params, length, options, repeats)
-  blocks_total = sum(level_seconds[u] * int((sizes == u).sum()) for u in level_seconds)
-  step_seconds = max(total["total_seconds"] - blocks_total, 0.0) / num_steps
-  model = step_seconds + np.asarray([level_seconds.get(int(u), 0.0) for u in sizes])
-
-  def stats(x):
-    return {"median": float(np.median(x)), "mean": float(np.mean(x)),
-            "p90": float(np.percentile(x, 90)), "p99": float(np.percentile(x, 99)),
-            "p999": float(np.percentile(x, 99.9)), "max": float(np.max(x)),
-            "argmax_position": int(np.argmax(x)) + 1}
-
-  per_class = {}
-  for u in sorted(set(sizes.tolist())):
-    mask = sizes == u
-    per_class[str(u)] = {"positions": int(mask.sum()), "measured_median": float(
-        np.median(measured[mask])), "measured_max": float(np.max(measured[mask])),
-                         "in_loop_block_seconds": level_seconds.get(u, 0.0),
-                         "in_loop_model": step_seconds + level_seconds.get(u, 0.0)}
-  top = np.argsort(measured)[::-1][:spikes]
-  odd = sizes == 1
+  sizes = lowbits(num_steps, base)
+  variants, measured_by_variant, model = {}, {}, None
+  for value in smooth:
+    name = variant_name(value)
+    options = EngineOptions(tau=tau, base=base, smooth=value)
+    # measured: single positions through the public API
+    measured = single_positions(work, params, length, options, passes)
+    measured_by_variant[name] = measured
+    # in_loop: the compiled run's total
+    total = sampling_lib.measure_strategy(work, params, "flash", length, options, repeats)
+    per_class = {}
+    for u in sorted(set(sizes.tolist())):
+      mask = sizes == u
+      per_class[str(u)] = {"positions": int(mask.sum()),
+                           "measured_median": float(np.median(measured[mask])),
+                           "measured_max": float(np.max(measured[mask]))}
+    top = np.argsort(measured)[::-1][:spikes]
+    entry = {
+        "measured": _stats(measured),
+        "measured_max_over_median": float(np.max(measured) / np.median(measured)),
+        "measured_total_seconds": float(measured.sum()),
+        "in_loop": {"total_seconds": total["total_seconds"],
+                    "mean_seconds": total["total_seconds"] / num_steps,
+                    "compile_seconds": total.get("compile_seconds")},
+        "per_block_size": per_class,
+        "spikes": [{"position": int(r) + 1, "block_size": int(sizes[r]),
+                    "seconds": float(measured[r])} for r in top],
+    }
+    if base == 2 and not value:  # the binary schedule: its total split by block size
+      level_seconds = block_seconds(work, params, length, options, repeats)
+      blocks_total = sum(level_seconds[u] * int((sizes == u).sum()) for u in level_seconds)
+      step_seconds = max(total["total_seconds"] - blocks_total, 0.0) / num_steps
+      model = step_seconds + np.asarray([level_seconds.get(int(u), 0.0) for u in sizes])
+      entry["in_loop"].update(step_seconds=step_seconds, blocks_seconds=blocks_total,
+                              block_seconds_per_size={str(u): v
+                                                      for u, v in level_seconds.items()},
+                              model=_stats(model))
+      for u, row in per_class.items():
+        row["in_loop_block_seconds"] = level_seconds.get(int(u), 0.0)
+        row["in_loop_model"] = step_seconds + level_seconds.get(int(u), 0.0)
+      odd = sizes == 1
+      entry["dispatch_overhead_seconds"] = (float(np.median(measured[odd])
+                                                  - np.median(model[odd]))
+                                            if odd.any() else None)
+    first = next(iter(variants.values()), entry)
+    entry["in_loop_total_vs_first"] = (entry["in_loop"]["total_seconds"]
+                                       / first["in_loop"]["total_seconds"])
+    variants[name] = entry
+    logging.info("%s: median %.1f us, p99 %.1f us, max %.1f us at position %d (%.1fx the "
+                 "median); in-loop total %.3f s (%.2fx the first)", name,
+                 entry["measured"]["median"] * 1e6, entry["measured"]["p99"] * 1e6,
+                 entry["measured"]["max"] * 1e6, entry["measured"]["argmax_position"],
+                 entry["measured_max_over_median"], entry["in_loop"]["total_seconds"],
+                 entry["in_loop_total_vs_first"])
   summary = {
-      "config": dict(work.describe(), length=length, tau=tau, passes=passes),
-      "positions": "absolute position r + 1 of online step r (prompt of 1)",
-      "measured": stats(measured),
-      "measured_total_seconds": float(measured.sum()),
-      "in_loop": {"total_seconds": total["total_seconds"],
-                  "mean_seconds": total["total_seconds"] / num_steps,
-                  "step_seconds": step_seconds, "blocks_seconds": blocks_total,
-                  "block_seconds_per_size": {str(u): v for u, v in level_seconds.items()},
-                  "model": stats(model)},
-      "dispatch_overhead_seconds": float(np.median(measured[odd]) - np.median(model[odd]))
-                                   if odd.any() else None,
-      "per_block_size": per_class,
-      "spikes": [{"position": int(r) + 1, "block_size": int(sizes[r]),
-                  "seconds": float(measured[r])} for r in top],
+      "config": dict(work.describe(), length=length, tau=tau, passes=passes, base=base,
+                     smooth=[variant_name(v) for v in smooth]),
+      "positions": "absolute position r + 1 of online step r (prompt of 1); block_size: the "
+                   "largest power of the base dividing it",
+      "variants": variants,
   }
-  logging.info("latency: median %.1f us, p99 %.1f us, max %.1f us at position %d; in-loop "
-               "mean %.1f us (step %.1f us)", summary["measured"]["median"] * 1e6,
-               summary["measured"]["p99"] * 1e6, summary["measured"]["max"] * 1e6,
-               summary["measured"]["argmax_position"], summary["in_loop"]["mean_seconds"] * 1e6,
-               step_seconds * 1e6)
   json_path, csv_path, png_path = plots.output_paths(path)
-  store_lib.write_csv(csv_path, [
-      {"position": r + 1, "block_size": int(sizes[r]), "measured_seconds": float(measured[r]),
-       "in_loop_model_seconds": float(model[r])} for r in range(num_steps)])
-  plot(measured, model, sizes, per_class, png_path, summary["config"])
+  rows = []
+  for r in range(num_steps):
+    row = {"position": r + 1, "block_size": int(sizes[r])}
+    for name, measured in measured_by_variant.items():
+      row[f"{name}_measured_seconds"] = float(measured[r])
+    if model is not None:
+      row["in_loop_model_seconds"] = float(model[r])
+    rows.append(row)
+  store_lib.write_csv(csv_path, rows)
+  plot(measured_by_variant, model, sizes, variants, png_path, summary["config"])
   logging.info("wrote %s, %s, %s", json_path, csv_path, png_path)
   return summary
 
 
-def plot(measured, model, sizes, per_class, path, config) -> None:
+def plot(measured_by_variant, model, sizes, variants, path, config) -> None:
   plt = plots.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-  positions = np.arange(1, len(measured) + 1)
   ax = axes[0]
-  ax.plot(positions, measured * 1e6, ".", ms=2, alpha=0.5, label="measured (single positions, "
-          "dispatch included)")
-  ax.plot(positions, model * 1e6, ".", ms=2, alpha=0.5, label="in-loop model (step + block)")
+  for name, measured in measured_by_variant.items():
+    positions = np.arange(1, len(measured) + 1)
+    ax.plot(positions, measured * 1e6, ".", ms=2, alpha=0.5,
+            label=f"{name}: measured (single positions, dispatch included)")
+  if model is not None:
+    ax.plot(positions, model * 1e6, ".", ms=2, alpha=0.5, label="in-loop model (step + block)")
   ax.set_yscale("log")
   ax.set_xlabel("position")
   ax.set_ylabel("latency (us)")
   ax.legend(fontsize=7, markerscale=4)
   ax.set_title(store_lib.key_of(**config), fontsize=8)
   ax = axes[1]
-  u = [int(k) for k in per_class if int(k) > 0]
-  rows = [per_class[str(k)] for k in u]
-  ax.plot(u, [r["measured_median"] * 1e6 for r in rows], "o-", label="measured median")
-  ax.plot(u, [r["measured_max"] * 1e6 for r in rows], "^:", label="measured max")
-  ax.plot(u, [r["in_loop_model"] * 1e6 for r in rows], "s--", label="in-loop step + block")
+  for name, entry in variants.items():
+    per_class = entry["per_block_size"]
+    u = [int(k) for k in per_class if int(k) > 0]
+    rows = [per_class[str(k)] for k in u]
+    ax.plot(u, [r["measured_median"] * 1e6 for r in rows], "o-", label=f"{name}: median")
+    ax.plot(u, [r["measured_max"] * 1e6 for r in rows], "^:", label=f"{name}: max")
+    if "in_loop_model" in rows[0]:
+      ax.plot(u, [r["in_loop_model"] * 1e6 for r in rows], "s--",
+              label=f"{name}: in-loop step + block")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
-  ax.set_xlabel("block size U after the position (lowbit of the position)")
+  ax.set_xlabel("block size U after the position (largest power of the base dividing it)")
   ax.set_ylabel("latency (us)")
   ax.legend(fontsize=7)
   ax.grid(True, which="both", alpha=0.3)
@@ -213,7 +289,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
   run_latency(flags_lib.workload_from_flags(f, f.length), f.length, flags_lib.tau(f), f.passes,
-              f.repeats, f.spikes, f.out)
+              f.repeats, f.spikes, f.out, int(f.base), [parse_smooth(v) for v in f.smooth])
 
 
 if __name__ == "__main__":

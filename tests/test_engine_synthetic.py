@@ -124,3 +124,65 @@ def test_flash_with_pallas_blocks_is_exact():
   prompt = jax.random.normal(jax.random.key(10), (1, 3, 4))
   outputs = decoding.rollout(params, stack, prompt, 21, strategy="flash", tau="pallas")
   check_rollout(stack, params, prompt, 21, outputs)
+
+
+SMOOTH_CASES = [  # (base, options): smooth=n spreads the FFT levels above n positions
+    (4, dict(tau=1, smooth=1)),               # bridge 4, levels 16, 64 (, 256) spread
+    (4, dict(tau=1, smooth=4, group_bytes=384)),
+    (4, dict(tau=4, smooth=16)),              # level 16 plain, bridge ... (tile 16)
+    (4, dict(tau="fft", smooth=1, spectra_max_size=4)),  # large levels transform their taps
+    (4, dict(tau=1, smooth=True, precomputed_spectra=False)),
+    (4, dict(tau=1, smooth=1, layer_parallel=False)),
+    (2, dict(tau=1, smooth=2)),
+    (2, dict(tau=2, smooth=True)),
+    (8, dict(tau=1, smooth=1)),
+    (16, dict(tau=1, smooth=1)),
+]
+
+
+@pytest.mark.parametrize("base,options", SMOOTH_CASES)
+@pytest.mark.parametrize("prompt_len,steps", [(1, 99), (21, 64), (2, 300), (5, 257)])
+def test_flash_smoothed_matches_direct_forward(base, options, prompt_len, steps):
+  stack = ConvStack(2, 6, prompt_len + steps)
+  params = stack.init(jax.random.key(base + steps))
+  prompt = jax.random.normal(jax.random.key(prompt_len), (2, prompt_len, 6))
+  outputs = decoding.rollout(params, stack, prompt, steps, strategy="flash", base=base,
+                             **options)
+  check_rollout(stack, params, prompt, steps, outputs)
+
+
+def test_smoothing_is_active_where_a_level_lies_above_the_bridge():
+  def layout(num_steps, **options):
+    flash = Flash(decoding.EngineOptions(**options))
+    return flash.layout(num_steps)
+
+  plain = layout(300, tau=1, base=4)
+  assert plain.bridge is None and plain.ring == 256
+  smoothed = layout(300, tau=1, base=4, smooth=1)
+  assert smoothed.bridge == 4 and smoothed.ring == 512
+  assert Flash.spread_levels(smoothed) == [2, 3, 4]
+  assert layout(300, tau=1, base=4, smooth=True).bridge == 64
+  assert layout(60, tau=1, base=4, smooth=True).bridge is None  # 64 is the top level
+  assert layout(300, tau="direct", base=4, smooth=1).bridge is None  # no FFT level
+
+
+def test_smooth_chunks_divide_the_channels():
+  assert Flash.smooth_chunks(4, 8, 1, 256) == (2, 256, 4)     # whole streams
+  assert Flash.smooth_chunks(256, 8, 1, 256) == (1, 8, 256)   # 32 shares of each stream
+  assert Flash.smooth_chunks(64, 3, 2, 10) == (1, 1, 30)      # every channel, 30 chunks
+  assert Flash.smooth_chunks(16, 3, 2, 10) == (1, 2, 15)
+  assert Flash.smooth_chunks(1, 3, 2, 10) == (3, 10, 1)
+
+
+def test_smoothed_rollout_resumes_call_by_call():
+  stack = ConvStack(2, 4, 140)
+  params = stack.init(jax.random.key(9))
+  prompt = jax.random.normal(jax.random.key(10), (1, 3, 4))
+  session = decoding.Rollout(params, stack, "flash", 140, tau=1, smooth=1)
+  outputs, state = session.prefill(prompt)
+  pieces = [outputs]
+  for count in (1, 1, 5, 16, 1, 40, 73):
+    out, state = session.run(state, count)
+    pieces.append(out)
+  outputs = jnp.concatenate(pieces, axis=1)
+  check_rollout(stack, params, prompt, 137, outputs)

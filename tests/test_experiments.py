@@ -252,16 +252,33 @@ def test_latency(tmp_path):
   out = tmp_path / "latency.json"
   data = _run(latency, out, *TINY, "--length=32", "--passes=1")
   (summary,) = data["points"].values()
-  for part in (summary["measured"], summary["in_loop"]["model"]):
+  (plain,) = summary["variants"].values()
+  for part in (plain["measured"], plain["in_loop"]["model"]):
     assert part["max"] >= part["p99"] >= part["median"] > 0
     assert 1 <= part["argmax_position"] <= 31
-  assert summary["in_loop"]["total_seconds"] > 0
-  assert set(summary["in_loop"]["block_seconds_per_size"]) == {"1", "2", "4", "8", "16"}
-  assert summary["per_block_size"]["16"]["positions"] == 1
-  assert summary["per_block_size"]["1"]["positions"] == 15
-  assert len(summary["spikes"]) == 10
+  assert plain["in_loop"]["total_seconds"] > 0 and plain["in_loop_total_vs_first"] == 1
+  assert set(plain["in_loop"]["block_seconds_per_size"]) == {"1", "2", "4", "8", "16"}
+  assert plain["per_block_size"]["16"]["positions"] == 1
+  assert plain["per_block_size"]["1"]["positions"] == 15
+  assert len(plain["spikes"]) == 10
   rows = list(csv_rows(out.with_suffix(".csv")))
   assert len(rows) == 31 and {int(r["block_size"]) for r in rows} == {0, 1, 2, 4, 8, 16}
+
+
+def test_latency_compares_smoothing_side_by_side(tmp_path):
+  out = tmp_path / "latency.json"
+  data = _run(latency, out, *TINY, "--length=80", "--passes=1", "--base=4", "--tau=1",
+              "--smooth=false,1")
+  (summary,) = data["points"].values()
+  assert list(summary["variants"]) == ["plain", "smoothed_above_1"]
+  smoothed = summary["variants"]["smoothed_above_1"]
+  assert smoothed["in_loop_total_vs_first"] > 0 and "model" not in smoothed["in_loop"]
+  assert smoothed["per_block_size"]["16"]["positions"] == 3   # 16, 32, 48 (64: class 64)
+  assert smoothed["per_block_size"]["64"]["positions"] == 1
+  rows = list(csv_rows(out.with_suffix(".csv")))
+  assert len(rows) == 79 and "smoothed_above_1_measured_seconds" in rows[0]
+  with pytest.raises(ValueError, match="smooth must be"):
+    latency.parse_smooth("0")
 
 
 def test_long_run(tmp_path):
@@ -309,6 +326,8 @@ def test_lib_helpers(tmp_path):
   assert block_crossover.max_direct_block("direct", 40, crossover=4) == 32
   assert block_crossover.max_direct_block("fft", 40, crossover=4) == 0
   assert latency.lowbits(8).tolist() == [1, 2, 1, 4, 1, 2, 1, 0]
+  assert latency.lowbits(20, 4).tolist() == [1, 1, 1, 4, 1, 1, 1, 4, 1, 1, 1, 4, 1, 1, 1, 16,
+                                             1, 1, 1, 0]
   store = store_lib.Store(tmp_path / "s.json")
   calls = []
   assert store.run("k", lambda: calls.append(1) or {"x": 1.0}) == {"x": 1.0}

@@ -116,3 +116,22 @@ def test_pallas_blocks_generate_exactly():
   logits = decoding.teacher_forced_logits(params, config, tokens, prompt_length=5,
                                             strategy="flash", tau="pallas")
   assert relative_error(logits, reference) <= 1e-4
+
+
+@pytest.mark.parametrize("smooth", [4, True])
+def test_fixture_sampling_with_the_smoothed_schedule(fixture_model, fixture_reference, smooth):
+  """219 steps in base 4 with tau=4: FFT levels 16 and 64; smooth=4 spreads level 64 over the
+  steps before its blocks (bridge 16), smooth=True (64) leaves the plain tiling."""
+  config, params = fixture_model
+  out = decoding.generate(params, config, fixture_reference["prompt_ids"], 219,
+                            gumbel_noise=fixture_reference["gumbel_noise"], return_logits=True,
+                            smooth=smooth, **SMALL_ENGINE)
+  np.testing.assert_array_equal(out.tokens, fixture_reference["generated_ids"])
+  assert relative_error(out.logits, fixture_reference["generated_step_logits"]) <= 1e-4
+
+
+def test_random_models_with_the_smoothed_schedule(random_case):
+  config, params, tokens, prompt_len, reference = random_case
+  logits = decoding.teacher_forced_logits(params, config, tokens, prompt_length=prompt_len,
+                                            smooth=1, tau=1)
+  assert relative_error(logits, reference) <= 1e-4

@@ -121,3 +121,66 @@ def test_invalid_plans_are_rejected():
   for base in (0, 1, 3, 32, True, 2.0):
     with pytest.raises(ValueError, match="base"):
       schedule.FlashPlan(10, base)
+
+
+def _check_smoothed(plan, bridge_level, tile, chunks, phase):
+  """The smoothed schedule covers every pair once, reads only finished inputs, writes only
+  future outputs (a step ahead above the bridge level), runs every chunk of every block once,
+  and fits rings of twice the largest block."""
+  m, b = plan.num_steps, plan.base
+  ring = 2 * plan.size(plan.num_levels - 1)
+  cover = {}
+  for event in schedule.simulate(plan):
+    if event[0] == "block" and event[1] < bridge_level:
+      inputs, outputs = plan.covered(event[1], event[2])
+      for s in inputs:
+        for t in outputs:
+          cover[(s, t)] = cover.get((s, t), 0) + 1
+  chunks_run = {}
+  for time, level, inputs, outputs, j in schedule.smoothed_events(plan, bridge_level, tile,
+                                                                  chunks, phase):
+    assert 0 < time < m
+    if level == bridge_level:
+      assert time % plan.size(level) == 0
+    assert inputs.stop <= time, "inputs complete before the work"
+    assert outputs.start >= time + (level > bridge_level), "outputs still pending"
+    if level > bridge_level:  # inputs complete at a tile end, outputs staged at one
+      assert inputs.stop // tile * tile <= time and outputs.start >= time // tile * tile + tile
+    # only the newest input block is read from the ring (the older ones' spectra are kept)
+    assert time - (inputs.stop - plan.size(level)) <= ring and outputs.stop - time <= ring
+    assert ((outputs.start - inputs.start) // plan.size(level)
+            <= schedule.smoothed_distances(plan, level))
+    chunks_run.setdefault((level, outputs.start), []).append(j)
+    if j == 0:
+      for s in inputs:
+        for t in outputs:
+          cover[(s, t)] = cover.get((s, t), 0) + 1
+  for (level, _), ids in chunks_run.items():
+    expected = 1 if level == bridge_level else chunks(level)
+    assert sorted(ids) == list(range(expected))
+  pairs = {(s, t) for s in range(m) for t in range(s + 1, m)}
+  assert set(cover) == pairs
+  assert all(count == 1 for count in cover.values()), "a pair was covered twice"
+
+
+@pytest.mark.parametrize("base", [2, 4, 8])
+@pytest.mark.parametrize("num_steps", [1, 2, 5, 16, 17, 63, 64, 65, 100, 255, 256, 257, 300])
+def test_smoothed_schedule_covers_every_pair_once(base, num_steps):
+  plan = schedule.FlashPlan(num_steps, base)
+  for bridge_level in range(plan.num_levels - 1):  # smoothing needs a level above the bridge
+    for tile_level in sorted({0, bridge_level // 2, bridge_level}):
+      tile = plan.size(tile_level)
+      slots = lambda level: plan.size(level) // tile
+      for chunks in (1, 3, None):
+        count = lambda level: min(chunks or slots(level), slots(level))
+        phase = lambda level: (level * 3) % tile
+        _check_smoothed(plan, bridge_level, tile, count, phase)
+
+
+def test_chunk_at_inverts_spread_slot():
+  for chunks in range(1, 9):
+    for slots in range(chunks, 17):
+      found = [schedule.chunk_at(chunks, slots, e) for e in range(slots)]
+      assert [j for j in found if j < chunks] == list(range(chunks))
+      assert all(schedule.spread_slot(chunks, slots, j) == e
+                 for e, j in enumerate(found) if j < chunks)

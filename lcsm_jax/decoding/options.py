@@ -37,6 +37,12 @@ class EngineOptions:
       size of the filters (all sizes would cost twice the filters' bytes); with base b, a
       level reuses each filter window in b(b - 1)/2 squares per group, so every level keeps
       its spectra.
+    smooth: flash spreads the work of every FFT level larger than `smooth` positions (True:
+      64) over the steps before its outputs are due (`schedule.smoothed_events`), so that no
+      token waits for a whole large block: those levels cover the pairs at least two blocks
+      apart, the bridge level below them also the pairs next to the diagonal. Costs more
+      transforms and products in all (see the README's latency section) and rings of twice
+      the positions. False: the plain tiling.
     group_bytes: flash blocks whose input window exceeds this many bytes run in groups of one
       stream and part of the channels, bounding their FFT temporaries.
     chunk: positions per inner iteration of the lazy and eager strategies (a power of two).
@@ -50,6 +56,7 @@ class EngineOptions:
   layer_parallel: bool = True
   precomputed_spectra: bool = True
   spectra_max_size: int | None | str = "auto"
+  smooth: bool | int = False
   group_bytes: int = GROUP_BYTES
   chunk: int = 256
   check_memory: bool = True
@@ -72,6 +79,10 @@ class EngineOptions:
                        f"{self.spectra_max_size!r}.")
     if self.group_bytes < 0:
       raise ValueError(f"group_bytes must be >= 0, got {self.group_bytes}.")
+    if not isinstance(self.smooth, (bool, int)) or (
+        not isinstance(self.smooth, bool) and self.smooth < 1):
+      raise ValueError(f"smooth must be True, False or a block size >= 1 (the levels above it "
+                       f"are smoothed), got {self.smooth!r}.")
     for name in ("layer_parallel", "precomputed_spectra", "check_memory"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")

@@ -26,6 +26,22 @@ Memory: both the stored inputs and the pending outputs live in ring buffers of
 are contiguous there (blocks are aligned to their size, which divides the ring), an event's
 inputs are never overwritten before it reads them, and the pending positions at any time span
 fewer than R rows (`ring_conflicts` checks all three by replaying the plan).
+
+Smoothed schedule (`smoothed_events`): in the tiling above, a block's first output is due
+right after its last input, so an event cannot be spread over later steps, and the top event
+stalls one token for the whole of its transforms. The smoothed schedule gives every level
+above a tile level k0 a block of slack: level k > k0 covers the pairs whose level-k blocks are
+at least 2 apart (output block T from input blocks S <= T - 2) and whose level-(k + 1) blocks
+are at most 1 apart (S from the start of the group before T's); the tile level covers the
+same pairs at distance 1 as well (its squares next to the diagonal, due at once but small);
+the levels below it are the tiling above, inside each tile. Every pair is covered once: the
+block distance d_k = T_k - S_k does not grow with k, and the pair falls to the largest k with
+d_k >= 2 (or to the tile level when d_k0 = 1, or below it when d_k0 = 0). Output block T of a
+level above the tile needs only inputs complete at (T - 1)U, so its work (one forward
+transform of block T - 2, at most 2b - 2 products, one inverse transform) is spread in
+chunks of channels over the U / tile tile ends before TU. It transforms every block twice
+(forward and inverse; the tiling above skips a (1 / b) share of each) and multiplies up to
+2b - 2 window spectra per output block instead of up to b - 1; rings hold 2R positions.
 """
 
 from __future__ import annotations
@@ -177,3 +193,66 @@ def ring_conflicts(plan: FlashPlan, rows: int | None = None,
       if pending.setdefault(t % rows, t) != t:
         problems.append(f"block {size} at {end} writes {t} over pending {pending[t % rows]}")
   return problems
+
+
+def smoothed_distances(plan: FlashPlan, level: int) -> int:
+  """The block distances (1 .. this) a level of the smoothed schedule uses: up to 2b - 1
+  (its group and the one before it), fewer when M leaves fewer blocks."""
+  blocks = -(-plan.num_steps // plan.size(level))
+  return max(min(2 * plan.base - 1, blocks - 1), 0)
+
+
+def smoothed_first_source(base: int, block):
+  """The first input block feeding output `block` of a smoothed level, before clamping at 0:
+  the start of the group before its own (an int or a traced integer)."""
+  return (block // base - 1) * base
+
+
+def spread_slot(chunks: int, slots: int, j):
+  """The slot (0 .. slots - 1) at which chunk j of `chunks` <= slots runs: evenly spread."""
+  return (j * slots) // chunks
+
+
+def chunk_at(chunks: int, slots: int, e):
+  """The chunk j whose `spread_slot` is e, or a value >= chunks when no chunk runs at e."""
+  j = -(-e * chunks // slots)
+  return j if isinstance(j, int) and spread_slot(chunks, slots, j) == e else (
+      j + chunks * (spread_slot(chunks, slots, j) != e))
+
+
+def smoothed_events(plan: FlashPlan, bridge_level: int, tile: int | None = None,
+                    chunks=lambda level: 1, phase=lambda level: 0) -> list[tuple]:
+  """The smoothed schedule's work at and above `bridge_level`, in order: (time, level, inputs,
+  outputs, chunk): the work after the step time - 1 adds the pairs inputs x outputs for chunk
+  `chunk` of `chunks(level)` of the channels. The bridge level works at the end of each of
+  its blocks; a level above it spreads output block T over [(T - 1)U, TU): chunk j at
+  (T - 1)U + spread_slot(chunks, U / tile, j) tile + phase(level) (phase < tile, so that the
+  levels' chunks fall on different steps). The levels below the bridge level are
+  `simulate(plan)`'s events of those levels."""
+  b, m = plan.base, plan.num_steps
+  bridge = plan.size(bridge_level)
+  tile = tile or bridge
+  events = []
+  for time in range(1, m):
+    for level in range(bridge_level, plan.num_levels):
+      size = plan.size(level)
+      if level == bridge_level:
+        if time % size:
+          continue
+        block, delay, chunk_ids = time // size, 1, [0]
+      else:
+        offset = time % size - phase(level)
+        if offset < 0 or offset % tile:
+          continue
+        count = chunks(level)
+        j = chunk_at(count, size // tile, offset // tile)
+        if j >= count:
+          continue
+        block, delay, chunk_ids = time // size + 1, 2, [j]
+      if block * size >= m or block < delay:
+        continue
+      first = max(smoothed_first_source(b, block), 0)
+      inputs = range(first * size, (block - delay + 1) * size)
+      outputs = range(block * size, min((block + 1) * size, m))
+      events.extend((time, level, inputs, outputs, j) for j in chunk_ids)
+  return events

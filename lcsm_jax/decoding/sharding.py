@@ -38,6 +38,7 @@ ROWS = PartitionSpec(BATCH)                              # (batch, ...)
 ROW_CHANNELS = PartitionSpec(BATCH, CHANNELS)            # (batch, channels)
 SPECTRA = PartitionSpec(None, CHANNELS)                  # (streams, channels, ...)
 WINDOW_SPECTRA = PartitionSpec(None, None, CHANNELS)     # (windows, streams, channels, ...)
+DIRECT_TAPS = PartitionSpec(None, CHANNELS)                # (streams, channels, positions)
 STATES = PartitionSpec(None, BATCH, CHANNELS)            # (streams, batch, channels, ...)
 
 

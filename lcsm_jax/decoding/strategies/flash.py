@@ -9,6 +9,13 @@ spectra of the filter windows of every later block of its group, file those prod
 frequency-domain accumulators, and inverse-transform the output block [i, i + U) once, with
 every product filed for it. Base 2 is the paper's binary tiling (no accumulators). All
 streams, batch rows and channels of an event are one batched computation.
+
+With `EngineOptions.smooth`, the FFT levels above SMOOTHED_ABOVE positions (or `smooth`) follow the
+smoothed schedule (`schedule.smoothed_events`): the bridge level (the largest FFT level up to
+SMOOTHED_ABOVE, or the smallest) adds the squares of its output block from up to 2b - 1
+earlier blocks at once, and every larger level's output block, due a block after its inputs
+complete, is computed in chunks of streams and channels spread over the tile ends before it
+(`smoothed_block`). The levels below the bridge level are the plain tiling.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ Array = jax.Array
 
 BINARY_SPECTRA_MAX = 1 << 15  # spectra_max_size='auto' with base 2
 VECTORISED_SQUARES_MAX = 64  # ring levels up to this block size add their squares at once
+DIRECT_TAPS_MAX = 4096  # `prepare` lays out the taps of direct levels with windows up to this
+SMOOTHED_ABOVE = 64  # smooth=True spreads the FFT levels larger than this (measured:
+                     # WORKSPACE.md)
 
 
 class FlashTables(NamedTuple):
@@ -41,6 +51,8 @@ class FlashTables(NamedTuple):
   reversed_spectra: dict[int, Array] = {}  # {U: (2 distances - 1, S, D, U + 1)} for the
                              # levels up to VECTORISED_SQUARES_MAX with more than one distance:
                              # windows d = distances .. 1, then zeros (see `ring_event`)
+  direct_taps: Array | None = None  # (S, D, 2H): H zeros, then taps[:H], channel-major; H
+                             # covers the direct levels' windows (see `_direct_taps`)
 
 
 class FlashState(NamedTuple):
@@ -77,6 +89,11 @@ class Layout(NamedTuple):
                      # None: every level runs on the staging rows
   ring: int          # R, positions of the rings (0 without ring levels)
   staged: int        # rows of the staging buffers
+  bridge: int | None = None  # smoothed: the bridge level's block size (the levels from it
+                             # up follow the smoothed schedule); None: plain tiling
+
+  def smoothed(self, level: int) -> bool:
+    return self.bridge is not None and self.plan.size(level) >= self.bridge
 
   def on_ring(self, level: int) -> bool:
     return self.tile is not None and self.plan.size(level) >= self.tile
@@ -150,18 +167,35 @@ class Flash(base.MixingStrategy):
     # A plan of M <= T steps uses a subset of these levels, and at most these distances.
     plan = self.plan(taps.shape[0])
     levels = {plan.size(k): k for k in range(plan.num_levels)}
-    spectra = {size: blocks_lib.window_spectra(taps, size, plan.distances(levels[size]))
+    distances = lambda k: max(plan.distances(k), schedule.smoothed_distances(plan, k)
+                              if self.options.smooth else 0)
+    spectra = {size: blocks_lib.window_spectra(taps, size, distances(levels[size]))
                for size in self.spectrum_sizes(taps.shape[0])}
     reversed_spectra = {
         size: jnp.pad(table[::-1], [(0, table.shape[0] - 1)] + [(0, 0)] * 3)
         for size, table in spectra.items()
         if size <= VECTORISED_SQUARES_MAX and table.shape[0] > 1}
-    return FlashTables(taps, spectra, reversed_spectra)
+    return FlashTables(taps, spectra, reversed_spectra, self._direct_taps_table(taps))
+
+  def _direct_taps_table(self, taps: Array) -> Array:
+    """The first H taps, channel-major, after H zeros: (S, D, 2H), H the largest window
+    (rows + U, at most DIRECT_TAPS_MAX) of the direct levels of a plan of T steps (0 when tau
+    is unresolved). Made here: made in the token loop, XLA computed it at every call."""
+    windows = [0]
+    if self.tau != "auto":
+      plan, config = self.plan(taps.shape[0]), self.block_config(taps.shape[0])
+      windows += [plan.direct_window(k) + plan.size(k) for k in range(plan.num_levels)
+                  if config.method(plan.size(k)) == "direct"]
+    head = max(w for w in windows if w <= DIRECT_TAPS_MAX)
+    window = jnp.pad(taps[:head], [(head, 2 * head - min(head, taps.shape[0]) - head)]
+                     + [(0, 0)] * 2)
+    return jnp.moveaxis(window, 0, -1).astype(jnp.float32)
 
   def table_layout(self, tables: FlashTables) -> FlashTables:
     return FlashTables(sharding.TAPS,
                        {size: sharding.WINDOW_SPECTRA for size in tables.spectra},
-                       {size: sharding.WINDOW_SPECTRA for size in tables.reversed_spectra})
+                       {size: sharding.WINDOW_SPECTRA for size in tables.reversed_spectra},
+                       sharding.DIRECT_TAPS)
 
   def state_layout(self, state: FlashState) -> FlashState:
     return FlashState(*(sharding.STATES,) * 4, sharding.TIME_MAJOR, sharding.TIME_MAJOR,
@@ -178,7 +212,24 @@ class Flash(base.MixingStrategy):
     if tile is None:
       top_direct = plan.num_levels > 0
       return Layout(plan, blocks, None, 0, schedule.ring_rows(plan, top_direct))
-    return Layout(plan, blocks, tile, schedule.ring_rows(plan), tile)
+    top = plan.size(plan.num_levels - 1)
+    above = SMOOTHED_ABOVE if self.options.smooth is True else self.options.smooth
+    bridge = max(plan.size(k) for k in range(plan.num_levels)
+                 if tile <= plan.size(k) <= max(tile, above))
+    if not self.options.smooth or bridge == top:
+      return Layout(plan, blocks, tile, schedule.ring_rows(plan), tile)
+    # smoothed: an output block is written a block ahead and its newest input block read a
+    # block late, so the rings hold twice the largest block
+    return Layout(plan, blocks, tile, 2 * schedule.ring_rows(plan), tile, bridge)
+
+  def spectrum_slots(self, layout: Layout, level: int) -> int:
+    """Input-block spectra a ring level keeps: the group's completed blocks but the last
+    (b - 2), or smoothed, the blocks of its group and the one before (2b, fewer when M leaves
+    fewer blocks; block S in slot S mod slots)."""
+    plan = layout.plan
+    if layout.smoothed(level):
+      return min(2 * plan.base, -(-plan.num_steps // plan.size(level)))
+    return plan.distances(level) - 1
 
   def init(self, tables: FlashTables, prompt: Array, prefill: Prefill,
            num_steps: int) -> FlashState:
@@ -193,9 +244,10 @@ class Flash(base.MixingStrategy):
       prompt_state = (zeros(0), prompt_lib.prompt_contribution(prefill.conv_inputs,
                                                                 tables.taps, num_steps))
     input_spectra = {
-        plan.size(k): jnp.zeros((plan.distances(k) - 1, streams, batch, width,
+        plan.size(k): jnp.zeros((self.spectrum_slots(layout, k), streams, batch, width,
                                  plan.size(k) + 1), jnp.complex64)
-        for k in range(plan.num_levels) if layout.on_ring(k) and plan.distances(k) > 1}
+        for k in range(plan.num_levels)
+        if layout.on_ring(k) and self.spectrum_slots(layout, k) > 0}
     return FlashState(channel_major(layout.ring), channel_major(layout.ring),
                       channel_major(layout.staged), channel_major(layout.staged), *prompt_state,
                       input_spectra)
@@ -232,6 +284,15 @@ class Flash(base.MixingStrategy):
       boundary = (i % layout.tile == 0) & (i < num_steps)
       state = lax.fori_loop(0, boundary.astype(jnp.int32),
                             lambda j, s: self.tile_end(layout, tables, s, i + j, j), state)
+    levels = self.spread_levels(layout)
+    if levels:  # one guard for all (a loop of zero trips still costs microseconds)
+      phases = jnp.asarray([self.spread_phase(layout, level) for level in levels])
+      def spread(trip, state):
+        for level in levels:
+          state = self.spread_chunk(layout, tables, state, level, i + trip)
+        return state
+      state = lax.fori_loop(0, jnp.any(i % layout.tile == phases).astype(jnp.int32), spread,
+                            state)
     return state
 
   def tile_end(self, layout: Layout, tables: FlashTables, state: FlashState, end,
@@ -249,7 +310,9 @@ class Flash(base.MixingStrategy):
             state.outputs, jnp.zeros(state.outputs.shape[:3] + (tile,), jnp.float32),
             (end - tile) % ring, axis=3))
     for level in range(plan.num_levels):
-      if layout.on_ring(level):
+      if layout.smoothed(level) and plan.size(level) == layout.bridge:
+        state = self.bridge_event(layout, tables, state, level, end)
+      elif layout.on_ring(level) and not layout.smoothed(level):
         event = lambda j, s, level=level: self.ring_event(layout, tables, s, level, end + j, j)
         state = lax.fori_loop(0, plan.runs_block(level, end).astype(jnp.int32), event, state)
     return state._replace(
@@ -304,8 +367,8 @@ class Flash(base.MixingStrategy):
           if method == "pallas":
             return out + blocks_lib.pallas_block(window, taps[:, :, 0, :], out_len).astype(
                 jnp.float32)
-          return out + blocks_lib.fft_block(window, blocks_lib.window_spectra(
-              taps[:, :, 0, :], size, 1)[0][:, None], out_len)
+          return out + blocks_lib.fft_block(
+              window, blocks_lib.filter_spectrum(taps[:, :, 0, :], size)[:, None], out_len)
         out = jnp.moveaxis(lax.fori_loop(0, slot, square,
                                          jnp.zeros((out_len,) + shape, jnp.float32)), 0, -1)
       target = (s, 0, c, end % staged)
@@ -337,12 +400,7 @@ class Flash(base.MixingStrategy):
         window = window * jnp.asarray(1 + trip, window.dtype)
       x = blocks_lib.input_spectrum(window)  # (S', B, D', U + 1)
 
-      def window_spectrum(d):  # of the filter window of block distance d: (S', 1, D', U + 1)
-        if size in tables.spectra:
-          return lax.dynamic_slice(tables.spectra[size], (d - 1, s, c, 0),
-                                   (1, streams, chunk, size + 1))[0][:, None]
-        taps = self._taps(tables, (d - 1) * size, 2 * size, s, c, shape)
-        return jnp.fft.rfft(jnp.moveaxis(taps, 0, -1).astype(jnp.float32), n=2 * size)
+      window_spectrum = lambda d: self._window_spectrum(tables, size, d, s, c, shape)
 
       product = x * window_spectrum(1)
       if distances > 1:
@@ -385,16 +443,137 @@ class Flash(base.MixingStrategy):
 
     return self._groups(size, state.staged_inputs.shape[:3], compute, state)
 
+  def bridge_event(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
+                   end) -> FlashState:
+    """The bridge level's work at the tile end `end`: the output block starting at `end`, if
+    one does, whole, from its input blocks up to the one just completed."""
+    size = layout.plan.size(level)
+
+    def run_block(trip, state):
+      compute = lambda st, s, c, group: self.smoothed_block(
+          layout, tables, st, level, end // size + trip, 1, s, c, group)
+      return self._groups(size, state.staged_inputs.shape[:3], compute, state)
+
+    return lax.fori_loop(0, (end % size == 0).astype(jnp.int32), run_block, state)
+
+  @staticmethod
+  def spread_levels(layout: Layout) -> list[int]:
+    """The levels above the bridge level (their blocks are spread over steps)."""
+    plan = layout.plan
+    return [k for k in range(plan.num_levels)
+            if layout.smoothed(k) and plan.size(k) > layout.bridge]
+
+  def spread_phase(self, layout: Layout, level: int) -> int:
+    """The step inside each tile (1 .. tile - 1; 0 for tiles of one step) at which a level
+    above the bridge runs its chunks: the levels' phases spread over the tile."""
+    levels, tile = self.spread_levels(layout), layout.tile
+    return 1 + levels.index(level) * (tile - 1) // len(levels) if tile > 1 else 0
+
+  def spread_chunk(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
+                   i) -> FlashState:
+    """A level above the bridge after the step i - 1: the chunk of streams and channels (if
+    any) that this step carries of output block T = i // U + 1, whose inputs (up to block
+    T - 2) are in the rings since the tile end (T - 1)U. The chunks of a block are spread over
+    its window [(T - 1)U, TU), one per tile of it at most, each level at its own phase inside
+    the tile (`schedule.smoothed_events`), so that no step carries two levels' chunks and the
+    tile ends none."""
+    plan, tile = layout.plan, layout.tile
+    size = plan.size(level)
+    shape = state.staged_inputs.shape[:3]
+    tiles = size // tile
+    group_streams, chunk, count = self.smooth_chunks(tiles, *shape)
+    offset = i % size - self.spread_phase(layout, level)
+    j = schedule.chunk_at(count, tiles, offset // tile)
+    block = i // size + 1
+    runs = ((offset >= 0) & (offset % tile == 0) & (j < count) & (block >= 2)
+            & (block * size < plan.num_steps))
+    per_stream = shape[2] // chunk
+
+    def run_chunk(trip, state):
+      # trip is 0 (the loop has zero or one trip): the block index depends on it so that XLA
+      # cannot hoist the work (a chunk of every channel is a slice at a static offset)
+      chunk_index = j + trip
+      return self.smoothed_block(layout, tables, state, level, block + trip, 2,
+                                 (chunk_index // per_stream) * group_streams,
+                                 (chunk_index % per_stream) * chunk,
+                                 (group_streams, shape[1], chunk))
+
+    return lax.fori_loop(0, runs.astype(jnp.int32), run_chunk, state)
+
+  @staticmethod
+  def smooth_chunks(tile_ends: int, streams: int, batch: int, width: int
+                    ) -> tuple[int, int, int]:
+    """(streams, channels, count) of the chunks a smoothed level spreads a block over: the
+    most chunks, at most one per tile end of its window (whole streams first, then the
+    smallest share of a stream's channels that divides its width)."""
+    del batch  # every chunk holds every batch row
+    if streams >= tile_ends:
+      group = next(g for g in range(1, streams + 1)
+                   if streams % g == 0 and streams // g <= tile_ends)
+      return group, width, streams // group
+    chunk = next(c for c in range(1, width + 1)
+                 if width % c == 0 and streams * (width // c) <= tile_ends)
+    return 1, chunk, streams * (width // chunk)
+
+  def smoothed_block(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
+                     block, delay: int, s, c, shape) -> FlashState:
+    """Adds to output block `block` of a smoothed ring level (positions [block U, block U + U),
+    for the streams and channels of one chunk) the products of its input blocks from the
+    start of the group before its own to block - delay: transforms the newest, block - delay,
+    read from the ring, and keeps its spectrum in slot (block - delay) mod slots for the later
+    output blocks; the older ones are in their slots already."""
+    plan, ring = layout.plan, layout.ring
+    size = plan.size(level)
+    newest = block - delay
+    window = lax.dynamic_slice(state.inputs, (s, 0, c, (newest * size) % ring),
+                               shape + (size,))
+    x = blocks_lib.input_spectrum(window)  # (S', B, D', U + 1)
+    spectra = state.input_spectra[size]
+    slots = spectra.shape[0]
+    at = lambda q: (q % slots, s, 0, c, 0)
+    spectra = lax.dynamic_update_slice(spectra, x[None], at(newest))
+
+    def add_square(q, product):  # input block q against the output block
+      earlier = lax.dynamic_slice(spectra, at(q), (1,) + shape + (size + 1,))[0]
+      return product + earlier * self._window_spectrum(tables, size, block - q, s, c, shape)
+
+    first = jnp.maximum(schedule.smoothed_first_source(plan.base, block), 0)
+    # a loop over the sources, also for small blocks: all slots at once, masked, computed
+    # 8 products where 5.5 were due and gathered their windows (1.46x the plain schedule's
+    # time at 16K vs 1.30x)
+    product = x * self._window_spectrum(tables, size, delay, s, c, shape)
+    product = lax.fori_loop(first, newest, add_square, product)
+    out = blocks_lib.outputs_from_spectrum(product, size)
+    target = (s, 0, c, (block * size) % ring)
+    current = lax.dynamic_slice(state.outputs, target, out.shape)
+    return state._replace(
+        outputs=lax.dynamic_update_slice(state.outputs, current + out, target),
+        input_spectra={**state.input_spectra, size: spectra})
+
+  def _window_spectrum(self, tables: FlashTables, size: int, distance, s, c, shape) -> Array:
+    """The spectrum of the filter window of block distance `distance` (taps
+    [(d - 1)U, (d + 1)U)) for a group's streams and channels: (S', 1, D', U + 1)."""
+    streams, _, chunk = shape
+    if size in tables.spectra:
+      return lax.dynamic_slice(tables.spectra[size], (distance - 1, s, c, 0),
+                               (1, streams, chunk, size + 1))[0][:, None]
+    taps = self._taps(tables, (distance - 1) * size, 2 * size, s, c, shape)
+    return blocks_lib.filter_spectrum(taps[:, :, 0, :], size)[:, None]
+
   @staticmethod
   def _direct_taps(tables: FlashTables, rows: int, size: int, reach, s, c, shape) -> Array:
     """Taps [reach - rows, reach + size) of the group's streams and channels, zero before 0,
-    channel-major: (S', 1, D', rows + size). Sliced from a padded copy of the first taps
-    that does not depend on the step (XLA computes it once per call, outside the loop)."""
+    channel-major: (S', 1, D', rows + size). Sliced from `FlashTables.direct_taps`, or for a
+    window larger than it, from a padded copy of the first taps."""
     streams, _, chunk = shape
-    head = tables.taps[:rows + size]
-    padded = jnp.pad(head, [(rows, rows + size - head.shape[0]), (0, 0), (0, 0)])
-    channel_major = jnp.moveaxis(padded, 0, -1).astype(jnp.float32)  # (S, D, 2 rows + size)
-    return lax.dynamic_slice(channel_major, (s, c, reach),
+    table = tables.direct_taps
+    head = 0 if table is None else table.shape[-1] // 2
+    if rows + size > head:  # outside the table (tau unresolved in `prepare`, large windows)
+      head = rows + size
+      window = jnp.pad(tables.taps[:head], [(head, head - min(head, tables.taps.shape[0]))]
+                       + [(0, 0)] * 2)
+      table = jnp.moveaxis(window, 0, -1).astype(jnp.float32)  # (S, D, 2H)
+    return lax.dynamic_slice(table, (s, c, head - rows + reach),
                              (streams, chunk, rows + size))[:, None]
 
   @staticmethod
