@@ -257,3 +257,15 @@ def test_extreme_temperatures_are_their_limits_without_warnings(capsys):
   assert code == 0, err
   assert "Warning" not in err and "overflow" not in err
   assert hot != greedy and len(hot.encode()) >= len("def ")
+
+
+def test_smooth_prints_the_text_of_the_plain_schedule(capsys, fixture_dir):
+  """--smooth (flash's smoothed schedule) samples the same tokens: 150 tokens reach the
+  levels above 16 positions with tau=4."""
+  argv = ["--checkpoint", str(fixture_dir), "--prompt", "acgtnA", "--num_tokens", "150",
+          "--seed", "5", "--tau", "4", "--chunk_tokens", "70"]
+  code, plain, err = _run(capsys, *argv)
+  assert code == 0, err
+  code, smoothed, err = _run(capsys, *argv, "--smooth")
+  assert code == 0, err
+  assert smoothed == plain and len(plain) > 150

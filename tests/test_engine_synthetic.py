@@ -161,8 +161,13 @@ def test_smoothing_is_active_where_a_level_lies_above_the_bridge():
   smoothed = layout(300, tau=1, base=4, smooth=1)
   assert smoothed.bridge == 4 and smoothed.ring == 512
   assert Flash.spread_levels(smoothed) == [2, 3, 4]
-  assert layout(300, tau=1, base=4, smooth=True).bridge == 64
-  assert layout(60, tau=1, base=4, smooth=True).bridge is None  # 64 is the top level
+  # input-block spectra kept per level: 2b, or one per block that feeds a later one (the
+  # bridge level 4: 75 blocks; 16: 19; 64: 5 blocks, 0 .. 2 feed; 256: 2 blocks, none)
+  flash = Flash(decoding.EngineOptions(tau=1, base=4, smooth=1))
+  assert [flash.spectrum_slots(smoothed, k) for k in range(1, 5)] == [8, 8, 3, 1]
+  assert layout(300, tau=1, base=4, smooth=True).bridge == 16
+  assert layout(300, tau=1, base=4, smooth=64).bridge == 64
+  assert layout(60, tau=1, base=4, smooth=True).bridge is None  # 16 is the top level
   assert layout(300, tau="direct", base=4, smooth=1).bridge is None  # no FFT level
 
 

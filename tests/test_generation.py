@@ -118,14 +118,15 @@ def test_pallas_blocks_generate_exactly():
   assert relative_error(logits, reference) <= 1e-4
 
 
-@pytest.mark.parametrize("smooth", [4, True])
+@pytest.mark.parametrize("smooth", [True, 1])
 def test_fixture_sampling_with_the_smoothed_schedule(fixture_model, fixture_reference, smooth):
-  """219 steps in base 4 with tau=4: FFT levels 16 and 64; smooth=4 spreads level 64 over the
-  steps before its blocks (bridge 16), smooth=True (64) leaves the plain tiling."""
+  """219 steps in base 4: with tau=4, FFT levels 16 and 64, and smooth=True spreads level 64
+  over the steps before its blocks (bridge 16); with tau=1, smooth=1 spreads 16 and 64
+  (bridge 4)."""
   config, params = fixture_model
   out = decoding.generate(params, config, fixture_reference["prompt_ids"], 219,
                             gumbel_noise=fixture_reference["gumbel_noise"], return_logits=True,
-                            smooth=smooth, **SMALL_ENGINE)
+                            **dict(SMALL_ENGINE, smooth=smooth, tau=4 if smooth is True else 1))
   np.testing.assert_array_equal(out.tokens, fixture_reference["generated_ids"])
   assert relative_error(out.logits, fixture_reference["generated_step_logits"]) <= 1e-4
 

@@ -123,7 +123,8 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
                     check_memory: bool = True, distilled: Any = None,
                     stats: GenerationStats | None = None,
                     mesh: jax.sharding.Mesh | None = None,
-                    step_weights: str = "float32") -> Iterator[np.ndarray]:
+                    step_weights: str = "float32", smooth: bool = False
+                    ) -> Iterator[np.ndarray]:
   """Yields the `num_tokens` tokens after `prompt_ids` (P,) in chunks of ids (<= chunk_tokens,).
 
   One `lcsm_jax.Decoder` sized for P + num_tokens - 1 positions prefills the prompt; every
@@ -137,7 +138,8 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
   is not timed. The memory check compiles the program the full chunks then run. On a `mesh`
   (axes 'data' and 'model'), the prompt is repeated over the data axis and row 0 is yielded
   (the same tokens as on one device). `step_weights` ('float32' or 'bfloat16'): the dtype the
-  step reads its dense kernels in (`lcsm_jax.Decoder`).
+  step reads its dense kernels in (`lcsm_jax.Decoder`). `smooth`: flash's smoothed schedule
+  (`EngineOptions.smooth`).
 
   Raises:
     ValueError: a prompt that does not fit `config.l_max` with `num_tokens`, bad sampling
@@ -152,7 +154,8 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
     top_k = top_p = None
   decoder = lcsm_jax.Decoder(params, config, strategy, max_length=prompt_ids.size + num_tokens - 1,
                              tau=tau, check_memory=check_memory, donate_state=True,
-                             distilled=distilled, mesh=mesh, step_weights=step_weights)
+                             distilled=distilled, mesh=mesh, step_weights=step_weights,
+                             smooth=smooth)
   rows = 1 if mesh is None else int(mesh.shape["data"])
   decoder.engine(rows)  # resolves tau='auto' now, outside the timings
   with CompileTimer() as timer:  # the memory of the run's largest call, a full chunk
@@ -210,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--tau", type=common.from_parser(parse_tau), default="auto",
                       help="Flash block implementation: auto, direct, fft, pallas, or an "
                       "integer crossover (direct for blocks <= tau).")
+  parser.add_argument("--smooth", action="store_true",
+                      help="Flash: spread each large block's work over the steps before its "
+                      "outputs are due, so that no token waits for a whole block (a steadier "
+                      "rate per token for a larger total; README, 'Smoothed latency').")
   parser.add_argument("--step_weights", choices=("float32", "bfloat16"), default="float32",
                       help="The dtype the one-token step reads its dense weights in. bfloat16 "
                       "samples from the model with those weights rounded to bfloat16 (an "
@@ -261,7 +268,8 @@ def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConf
                                top_p=args.top_p, tau=args.tau,
                                check_memory=not args.no_memory_check, distilled=distilled,
                                stats=stats, mesh=getattr(args, "device_mesh", None),
-                               step_weights=getattr(args, "step_weights", "float32")):
+                               step_weights=getattr(args, "step_weights", "float32"),
+                               smooth=getattr(args, "smooth", False)):
     chunks.append(chunk)
     if out is not None:
       out.write(head + decode(chunk, False))

@@ -38,7 +38,7 @@ class EngineOptions:
       level reuses each filter window in b(b - 1)/2 squares per group, so every level keeps
       its spectra.
     smooth: flash spreads the work of every FFT level larger than `smooth` positions (True:
-      64) over the steps before its outputs are due (`schedule.smoothed_events`), so that no
+      16) over the steps before its outputs are due (`schedule.smoothed_events`), so that no
       token waits for a whole large block: those levels cover the pairs at least two blocks
       apart, the bridge level below them also the pairs next to the diagonal. Costs more
       transforms and products in all (see the README's latency section) and rings of twice

@@ -10,12 +10,13 @@ frequency-domain accumulators, and inverse-transform the output block [i, i + U)
 every product filed for it. Base 2 is the paper's binary tiling (no accumulators). All
 streams, batch rows and channels of an event are one batched computation.
 
-With `EngineOptions.smooth`, the FFT levels above SMOOTHED_ABOVE positions (or `smooth`) follow the
-smoothed schedule (`schedule.smoothed_events`): the bridge level (the largest FFT level up to
-SMOOTHED_ABOVE, or the smallest) adds the squares of its output block from up to 2b - 1
-earlier blocks at once, and every larger level's output block, due a block after its inputs
-complete, is computed in chunks of streams and channels spread over the tile ends before it
-(`smoothed_block`). The levels below the bridge level are the plain tiling.
+With `EngineOptions.smooth`, the FFT levels above SMOOTHED_ABOVE positions (or above
+`smooth`) follow the smoothed schedule (`schedule.smoothed_events`): the bridge level (the
+largest FFT level up to that size, or the smallest FFT level) adds the squares of its output
+block from up to 2b - 1 earlier blocks at once, and every larger level's output block, due a
+block after its inputs complete, is computed in chunks of streams and channels spread over
+the steps before it (`spread_chunk`, `smoothed_block`). The levels below the bridge level
+are the plain tiling.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ Array = jax.Array
 BINARY_SPECTRA_MAX = 1 << 15  # spectra_max_size='auto' with base 2
 VECTORISED_SQUARES_MAX = 64  # ring levels up to this block size add their squares at once
 DIRECT_TAPS_MAX = 4096  # `prepare` lays out the taps of direct levels with windows up to this
-SMOOTHED_ABOVE = 64  # smooth=True spreads the FFT levels larger than this (measured:
-                     # WORKSPACE.md)
+SMOOTHED_ABOVE = 16  # smooth=True spreads the FFT levels larger than this: at 16K (8 x 256,
+                     # base 4) the bridge level's events then stay within 5x the median token
+                     # (above 64: 11.5x; WORKSPACE.md)
 
 
 class FlashTables(NamedTuple):
@@ -224,11 +226,13 @@ class Flash(base.MixingStrategy):
 
   def spectrum_slots(self, layout: Layout, level: int) -> int:
     """Input-block spectra a ring level keeps: the group's completed blocks but the last
-    (b - 2), or smoothed, the blocks of its group and the one before (2b, fewer when M leaves
-    fewer blocks; block S in slot S mod slots)."""
+    (b - 2), or smoothed, the blocks of its group and the one before (2b; block S in slot
+    S mod slots), or when fewer blocks feed a later one (S <= blocks - 1 - delay, delay 1 at
+    the bridge level, 2 above it), one slot each (the top level: b - 2)."""
     plan = layout.plan
     if layout.smoothed(level):
-      return min(2 * plan.base, -(-plan.num_steps // plan.size(level)))
+      delay = 1 if plan.size(level) == layout.bridge else 2
+      return max(min(2 * plan.base, -(-plan.num_steps // plan.size(level)) - delay), 1)
     return plan.distances(level) - 1
 
   def init(self, tables: FlashTables, prompt: Array, prefill: Prefill,
