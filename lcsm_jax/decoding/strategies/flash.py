@@ -267,12 +267,14 @@ class Flash(base.MixingStrategy):
 
   def update(self, tables: FlashTables, state: FlashState, r, inputs: Array,
              num_steps: int) -> FlashState:
-    """Records the inputs of position r, frees its (already read) pending-output row, then
-    runs every level's event after r (whose inputs end at r + 1); at the end of a tile, moves
-    the tile's inputs to the rings, runs the ring levels' events and stages the next tile's
+    """Smoothed: first runs the spread chunks due after position r - 1 (`spread_work`). Then
+    records the inputs of position r, frees its (already read) pending-output row, and runs
+    every level's event after r (whose inputs end at r + 1); at the end of a tile, moves the
+    tile's inputs to the rings, runs the ring levels' events and stages the next tile's
     pending outputs."""
     layout = self.layout(num_steps)
     plan = layout.plan
+    state = self.spread_work(layout, tables, state, r)
     column = lambda buffer, values: lax.dynamic_update_index_in_dim(
         buffer, values.astype(buffer.dtype), r % layout.staged, axis=3)
     state = state._replace(staged_inputs=column(state.staged_inputs, inputs),
@@ -288,15 +290,6 @@ class Flash(base.MixingStrategy):
       boundary = (i % layout.tile == 0) & (i < num_steps)
       state = lax.fori_loop(0, boundary.astype(jnp.int32),
                             lambda j, s: self.tile_end(layout, tables, s, i + j, j), state)
-    levels = self.spread_levels(layout)
-    if levels:  # one guard for all (a loop of zero trips still costs microseconds)
-      phases = jnp.asarray([self.spread_phase(layout, level) for level in levels])
-      def spread(trip, state):
-        for level in levels:
-          state = self.spread_chunk(layout, tables, state, level, i + trip)
-        return state
-      state = lax.fori_loop(0, jnp.any(i % layout.tile == phases).astype(jnp.int32), spread,
-                            state)
     return state
 
   def tile_end(self, layout: Layout, tables: FlashTables, state: FlashState, end,
@@ -446,6 +439,26 @@ class Flash(base.MixingStrategy):
                                                              target))
 
     return self._groups(size, state.staged_inputs.shape[:3], compute, state)
+
+  def spread_work(self, layout: Layout, tables: FlashTables, state: FlashState, i
+                  ) -> FlashState:
+    """The chunks of the levels above the bridge due after the step i - 1 (`spread_chunk`).
+    `update` of position i runs them first: they read and write only the rings and the kept
+    spectra, not what the step at i reads or makes, so they do not wait for it (and XLA may
+    run them beside it)."""
+    levels = self.spread_levels(layout)
+    if not levels:
+      return state
+    phases = jnp.asarray([self.spread_phase(layout, level) for level in levels])
+
+    def spread(trip, state):
+      for level in levels:
+        state = self.spread_chunk(layout, tables, state, level, i + trip)
+      return state
+
+    # one guard for all levels (a loop of zero trips still costs microseconds)
+    return lax.fori_loop(0, jnp.any(i % layout.tile == phases).astype(jnp.int32), spread,
+                         state)
 
   def bridge_event(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
                    end) -> FlashState:
