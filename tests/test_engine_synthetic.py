@@ -74,6 +74,11 @@ BASE_OPTIONS = [dict(tau=1), dict(tau="fft"), dict(tau="direct"), dict(tau=4),
     (base, options) for base in (8, 16) for options in BASE_OPTIONS[:2] + BASE_OPTIONS[4:5]])
 @pytest.mark.parametrize("prompt_len,steps", [(1, 99), (21, 64), (2, 17)])
 def test_flash_base_b_matches_direct_forward(base, options, prompt_len, steps):
+  check_flash_case(base, options, prompt_len, steps)
+
+
+def check_flash_case(base, options, prompt_len, steps):
+  """A 2-layer, 6-channel stack, batch 2, through flash in `base` with `options`."""
   stack = ConvStack(2, 6, prompt_len + steps)
   params = stack.init(jax.random.key(base + steps))
   prompt = jax.random.normal(jax.random.key(prompt_len), (2, prompt_len, 6))
@@ -143,12 +148,7 @@ SMOOTH_CASES = [  # (base, options): smooth=n spreads the FFT levels above n pos
 @pytest.mark.parametrize("base,options", SMOOTH_CASES)
 @pytest.mark.parametrize("prompt_len,steps", [(1, 99), (21, 64), (2, 300), (5, 257)])
 def test_flash_smoothed_matches_direct_forward(base, options, prompt_len, steps):
-  stack = ConvStack(2, 6, prompt_len + steps)
-  params = stack.init(jax.random.key(base + steps))
-  prompt = jax.random.normal(jax.random.key(prompt_len), (2, prompt_len, 6))
-  outputs = decoding.rollout(params, stack, prompt, steps, strategy="flash", base=base,
-                             **options)
-  check_rollout(stack, params, prompt, steps, outputs)
+  check_flash_case(base, options, prompt_len, steps)
 
 
 def test_smoothing_is_active_where_a_level_lies_above_the_bridge():
