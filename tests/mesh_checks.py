@@ -107,6 +107,17 @@ def rollout() -> None:
       assert error <= 1e-5, f"rollout {strategy} prompt {length}: differs by {error:.2e}"
       print(f"ok rollout {strategy} prompt {length}: {error:.1e}", flush=True)
 
+  # flash's smoothed schedule: chunks of the local channels spread over the steps
+  smooth_model = ConvStack(2, 16, 160)
+  smooth_params = smooth_model.init(jax.random.key(1))
+  prompt = jax.random.normal(jax.random.key(2), (8, 3, 16))
+  options = dict(ENGINE, tau=1, smooth=1)  # bridge level 4; levels 16 and 64 spread
+  want = rollout_lib.rollout(smooth_params, smooth_model, prompt, 157, **options)
+  got = rollout_lib.rollout(smooth_params, smooth_model, prompt, 157, mesh=mesh, **options)
+  error = float(jnp.abs(got - want).max())
+  assert error <= 1e-5, f"rollout flash smooth=1: differs by {error:.2e}"
+  print(f"ok rollout flash smooth=1: {error:.1e}", flush=True)
+
   lm_params, _ = lm()
   ids = np.asarray(jax.random.randint(jax.random.key(5), (4, 14), 0, CONFIG.vocab_size))
   want = lcsm_jax.teacher_forced_logits(lm_params, CONFIG, ids, prompt_length=5, **ENGINE)
