@@ -518,18 +518,18 @@ class Flash(base.MixingStrategy):
     return lax.fori_loop(0, runs.astype(jnp.int32), run_chunk, state)
 
   @staticmethod
-  def smooth_chunks(tile_ends: int, streams: int, batch: int, width: int
+  def smooth_chunks(tiles: int, streams: int, batch: int, width: int
                     ) -> tuple[int, int, int]:
     """(streams, channels, count) of the chunks a smoothed level spreads a block over: the
-    most chunks, at most one per tile end of its window (whole streams first, then the
-    smallest share of a stream's channels that divides its width)."""
+    most chunks, at most one per tile of the block (whole streams first, then the smallest
+    share of a stream's channels that divides its width)."""
     del batch  # every chunk holds every batch row
-    if streams >= tile_ends:
+    if streams >= tiles:
       group = next(g for g in range(1, streams + 1)
-                   if streams % g == 0 and streams // g <= tile_ends)
+                   if streams % g == 0 and streams // g <= tiles)
       return group, width, streams // group
     chunk = next(c for c in range(1, width + 1)
-                 if width % c == 0 and streams * (width // c) <= tile_ends)
+                 if width % c == 0 and streams * (width // c) <= tiles)
     return 1, chunk, streams * (width // chunk)
 
   def smoothed_block(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
