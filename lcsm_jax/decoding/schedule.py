@@ -30,18 +30,19 @@ fewer than R rows (`ring_conflicts` checks all three by replaying the plan).
 Smoothed schedule (`smoothed_events`): in the tiling above, a block's first output is due
 right after its last input, so an event cannot be spread over later steps, and the top event
 stalls one token for the whole of its transforms. The smoothed schedule gives every level
-above a tile level k0 a block of slack: level k > k0 covers the pairs whose level-k blocks are
-at least 2 apart (output block T from input blocks S <= T - 2) and whose level-(k + 1) blocks
-are at most 1 apart (S from the start of the group before T's); the tile level covers the
-same pairs at distance 1 as well (its squares next to the diagonal, due at once but small);
-the levels below it are the tiling above, inside each tile. Every pair is covered once: the
-block distance d_k = T_k - S_k does not grow with k, and the pair falls to the largest k with
-d_k >= 2 (or to the tile level when d_k0 = 1, or below it when d_k0 = 0). Output block T of a
-level above the tile needs only inputs complete at (T - 1)U, so its work (one forward
-transform of block T - 2, at most 2b - 2 products, one inverse transform) is spread in
-chunks of channels over the U / tile tile ends before TU. It transforms every block twice
-(forward and inverse; the tiling above skips a (1 / b) share of each) and multiplies up to
-2b - 2 window spectra per output block instead of up to b - 1; rings hold 2R positions.
+above a bridge level k0 a block of slack: level k > k0 covers the pairs whose level-k blocks
+are at least 2 apart (output block T from input blocks S <= T - 2) and whose level-(k + 1)
+blocks are at most 1 apart (S from the start of the group before T's); the bridge level
+covers the same pairs at distance 1 as well (its squares next to the diagonal, due at once
+but small); the levels below it are the tiling above, inside each of its blocks. Every pair
+is covered once: the block distance d_k = T_k - S_k does not grow with k, and the pair falls
+to the largest k with d_k >= 2 (or to the bridge level when d_k0 = 1, or below it when
+d_k0 = 0). Output block T of a level above the bridge needs only inputs complete at
+(T - 1)U, so its work (one forward transform of block T - 2, at most 2b - 2 products, one
+inverse transform) is spread in chunks of channels over the steps [(T - 1)U, TU), at most one
+chunk per tile, each level at its own phase inside the tile. It transforms every block both
+ways (the tiling above skips a (1 / b) share of each) and multiplies up to 2b - 2 window
+spectra per output block instead of up to b - 1; rings hold 2R positions.
 """
 
 from __future__ import annotations
@@ -214,10 +215,10 @@ def spread_slot(chunks: int, slots: int, j):
 
 
 def chunk_at(chunks: int, slots: int, e):
-  """The chunk j whose `spread_slot` is e, or a value >= chunks when no chunk runs at e."""
+  """The chunk j whose `spread_slot` is e, or a value >= chunks when no chunk runs at e (an
+  int or a traced integer)."""
   j = -(-e * chunks // slots)
-  return j if isinstance(j, int) and spread_slot(chunks, slots, j) == e else (
-      j + chunks * (spread_slot(chunks, slots, j) != e))
+  return j + chunks * (spread_slot(chunks, slots, j) != e)
 
 
 def smoothed_events(plan: FlashPlan, bridge_level: int, tile: int | None = None,

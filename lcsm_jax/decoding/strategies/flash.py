@@ -188,9 +188,13 @@ class Flash(base.MixingStrategy):
       plan, config = self.plan(taps.shape[0]), self.block_config(taps.shape[0])
       windows += [plan.direct_window(k) + plan.size(k) for k in range(plan.num_levels)
                   if config.method(plan.size(k)) == "direct"]
-    head = max(w for w in windows if w <= DIRECT_TAPS_MAX)
-    window = jnp.pad(taps[:head], [(head, 2 * head - min(head, taps.shape[0]) - head)]
-                     + [(0, 0)] * 2)
+    return self._padded_head(taps, max(w for w in windows if w <= DIRECT_TAPS_MAX))
+
+  @staticmethod
+  def _padded_head(taps: Array, head: int) -> Array:
+    """taps (T, S, D) -> (S, D, 2 head) float32: `head` zeros, then taps[:head] (zero past
+    T), time on the last axis."""
+    window = jnp.pad(taps[:head], [(head, head - min(head, taps.shape[0]))] + [(0, 0)] * 2)
     return jnp.moveaxis(window, 0, -1).astype(jnp.float32)
 
   def table_layout(self, tables: FlashTables) -> FlashTables:
@@ -587,9 +591,7 @@ class Flash(base.MixingStrategy):
     head = 0 if table is None else table.shape[-1] // 2
     if rows + size > head:  # outside the table (tau unresolved in `prepare`, large windows)
       head = rows + size
-      window = jnp.pad(tables.taps[:head], [(head, head - min(head, tables.taps.shape[0]))]
-                       + [(0, 0)] * 2)
-      table = jnp.moveaxis(window, 0, -1).astype(jnp.float32)  # (S, D, 2H)
+      table = Flash._padded_head(tables.taps, head)
     return lax.dynamic_slice(table, (s, c, head - rows + reach),
                              (streams, chunk, rows + size))[:, None]
 
