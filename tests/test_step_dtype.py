@@ -6,6 +6,7 @@ The reference is independent of the adapter's rounding code: the parallel forwar
 `HyenaLM(config).apply` with a parameter tree whose Dense kernels under `stack/blocks` are
 rounded here, by path. float32 stays the default and is unchanged; bad values are refused."""
 
+import importlib
 import re
 
 import chex
@@ -181,22 +182,119 @@ def _called(hlo: str, root: str) -> str:
   return "\n".join(bodies[c] for c in seen)
 
 
-def test_no_weight_conversion_inside_the_token_loop(params):
-  """The compiled scoring program does not convert the bfloat16 kernels inside the token loop.
-  (XLA:CPU has no bfloat16 dot: it upcasts the kernels once, before the loop, and the loop
-  reads float32 copies; a backend with bfloat16 dots reads them as stored. Either way no
-  per-token conversion.)"""
+def _score_hlo(params) -> str:
+  """The compiled scoring program (31 positions, batch 1) with bfloat16 step weights, traced
+  afresh (whether the CPU kernel is used is decided when tracing)."""
   from lcsm_jax.decoding import decoder as decoder_lib
+  jax.clear_caches()
   decoder = decoding.Decoder(params, CONFIG, max_length=32, step_weights="bfloat16", **ENGINE)
   state = decoder.prefill(np.ones((1, 1), np.int32))
   ids = jnp.ones((1, 31), jnp.int32)
-  hlo = decoder_lib._PROGRAMS["score"].lower(
+  return decoder_lib._PROGRAMS["score"].lower(
       decoder.params, decoder.tables, state, ids, engine=decoder.engine(1)).compile().as_text()
-  d, inner = CONFIG.d_model, CONFIG.d_inner
-  kernels = {(d, 3 * d), (d, d), (d, inner), (inner, d)}
+
+
+KERNELS = {(CONFIG.d_model, 3 * CONFIG.d_model), (CONFIG.d_model, CONFIG.d_model),
+           (CONFIG.d_model, CONFIG.d_inner), (CONFIG.d_inner, CONFIG.d_model)}
+# the operands' types of the kernel's custom call, from its operand_layout_constraints
+CUSTOM_CALL = re.compile(r'custom_call_target="lcsm_bf16_matmul", '
+                         r"operand_layout_constraints=\{(\w+\[[\d,]*\])\{[\d,]*\}, "
+                         r"(\w+\[[\d,]*\])\{")
+
+
+def _converted_kernels(text: str) -> set:
+  return {(int(r), int(c)) for r, c in re.findall(r"f32\[(\d+),(\d+)\]\{[\d,]*\} convert\(", text)
+          } & KERNELS
+
+
+def _loops(hlo: str) -> list[str]:
   loops = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
   assert loops
-  for body in loops:
-    text = _called(hlo, body)
-    for rows, cols in re.findall(r"f32\[(\d+),(\d+)\]\{[\d,]*\} convert\(", text):
-      assert (int(rows), int(cols)) not in kernels, f"a kernel is converted in loop {body}"
+  return [_called(hlo, body) for body in loops]
+
+
+def test_token_loop_reads_bfloat16_kernels_through_the_cpu_kernel(params):
+  """On CPU the token loop multiplies by the bfloat16 kernels as stored, in the
+  `cpu_kernels.bf16_matmul` custom call (x float32, kernel bfloat16), and the program converts
+  no kernel to float32 anywhere (XLA:CPU's dot would read a float32 copy)."""
+  import cpu_kernels
+  if not cpu_kernels.available():
+    pytest.skip(f"CPU kernel unavailable: {cpu_kernels.unavailable_reason()}")
+  hlo = _score_hlo(params)
+  read = set()
+  for text in _loops(hlo):
+    for operands in CUSTOM_CALL.findall(text):
+      x, kernel = operands
+      assert x.startswith("f32[") and kernel.startswith("bf16["), operands
+      read.add(tuple(int(d) for d in kernel[5:-1].split(",")))
+  assert read == KERNELS, f"kernels read by the custom call: {read}"
+  assert not _converted_kernels(hlo), "a bfloat16 kernel is converted to float32"
+
+
+def test_without_the_cpu_kernel_conversions_stay_out_of_the_loop(params, monkeypatch):
+  """Where the CPU kernel is unavailable (faked here), a warning names the reason, the step
+  takes XLA's dot, and the float32 conversions of the kernels happen once, outside the token
+  loop (the loop reads float32 copies). Logits are still those of the rounded model."""
+  import cpu_kernels
+  from lcsm_jax.models.hyena import modules
+  matmul_lib = importlib.import_module("cpu_kernels.bf16_matmul")
+  monkeypatch.setattr(matmul_lib, "_state", {"ok": False, "reason": "BuildError: faked"})
+  monkeypatch.setattr(modules, "_warned_unavailable", False)
+  assert not cpu_kernels.available()
+  with pytest.warns(RuntimeWarning, match=r"bfloat16 step weights are read as float32 on this "
+                                          r"machine .*unavailable: BuildError: faked"):
+    hlo = _score_hlo(params)
+  assert "lcsm_bf16_matmul" not in hlo
+  assert _converted_kernels(hlo) == KERNELS
+  for text in _loops(hlo):
+    assert not _converted_kernels(text), "a kernel is converted inside the token loop"
+  got = lcsm_jax.teacher_forced_logits(params, CONFIG, TOKENS_FOR_FALLBACK, prompt_length=2,
+                                       step_weights="bfloat16", **ENGINE)
+  reference = _forward(_rounded(params), TOKENS_FOR_FALLBACK)
+  chex.assert_trees_all_close(np.asarray(got), reference, rtol=1e-5, atol=1e-5)
+  jax.clear_caches()  # later tests trace with the kernel again
+
+
+TOKENS_FOR_FALLBACK = np.arange(20, dtype=np.int32).reshape(2, 10) % CONFIG.vocab_size
+
+
+MESH_CHECK = """
+import os, re
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+import lcsm_jax
+from lcsm_jax.decoding import decoder as decoder_lib
+from lcsm_jax.models.hyena import HyenaConfig, init_params
+config = HyenaConfig(vocab_size=13, d_model=16, n_layer=2, d_inner=32, l_max=40, order=2,
+                     filter_order=8, emb_dim=3)
+params = init_params(config, jax.random.key(0))
+ids = np.asarray(jax.random.randint(jax.random.key(5), (4, 12), 0, 13))
+mesh = jax.make_mesh((2, 4), ("data", "model"))
+kw = dict(prompt_length=3, step_weights="bfloat16", tau=2, chunk=8)
+want = np.asarray(lcsm_jax.teacher_forced_logits(params, config, ids, **kw))
+got = np.asarray(lcsm_jax.teacher_forced_logits(params, config, ids, mesh=mesh, **kw))
+print("error", float(np.abs(got - want).max() / np.abs(want).max()))
+decoder = lcsm_jax.Decoder(params, config, max_length=32, step_weights="bfloat16", mesh=mesh,
+                           tau=2, chunk=8)
+state = decoder.prefill(np.ones((2, 1), np.int32))
+hlo = decoder_lib._PROGRAMS["score"].lower(decoder.params, decoder.tables, state,
+                                           jax.numpy.ones((2, 31), jax.numpy.int32),
+                                           engine=decoder.engine(2)).compile().as_text()
+print("custom calls", hlo.count("lcsm_bf16_matmul"))
+print("all-gathers", len(re.findall(r"all-gather(?:-start)?\\(", hlo)))
+"""
+
+
+def test_mesh_keeps_xla_dots():
+  """On a (2, 4) mesh of host devices the step keeps XLA's dots (which XLA splits over the
+  mesh; it would all-gather a custom call's operands, the kernels, at every token) and the
+  logits equal one device's."""
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", MESH_CHECK], capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = dict(line.rsplit(" ", 1) for line in out.stdout.splitlines())
+  assert float(lines["error"]) <= 1e-5, out.stdout
+  assert lines["custom calls"] == "0", out.stdout
+  assert int(lines["all-gathers"]) <= 1, out.stdout

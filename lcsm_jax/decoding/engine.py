@@ -11,11 +11,13 @@ for the engine's `max_length` = P + M positions.
 With a `sharding` (a device mesh), the tables and states are pinned to their layouts (batch rows
 on the data axis, channels on the model axis), and a channel-local strategy's `init`, `pending`
 and `update` run on each device's shards (`decoding.sharding.local`); the model's prefill and
-step run under jit as XLA partitions them.
+step run under jit as XLA partitions them (the step traced inside `cpu_kernels.disabled()`: XLA
+splits its dots over the mesh, while it would gather the operands of a CPU custom call).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+import cpu_kernels
 from lcsm_jax import convolution
 from lcsm_jax.decoding import sharding as sharding_lib
 from lcsm_jax.decoding.interfaces import IO, Emit, Feed, Steps, Strategy
@@ -160,8 +163,10 @@ class Engine:
                   forward=lambda inputs: self.model.forward(params, inputs,
                                                             **self.conv_options()), feed=feed,
                   emit=emit, local=self.local)
-    strategy_state, carry, io = self.strategy.run(
-        tables.strategy, state.strategy, steps, state.carry, io, state.position - length,
-        count, self.max_length - length)
+    on_mesh = cpu_kernels.disabled() if self.sharding is not None else contextlib.nullcontext()
+    with on_mesh:  # custom calls are not split over a mesh: keep the step's XLA dots there
+      strategy_state, carry, io = self.strategy.run(
+          tables.strategy, state.strategy, steps, state.carry, io, state.position - length,
+          count, self.max_length - length)
     return self.constrain_state(
         EngineState(carry, strategy_state, state.position + count, length)), io

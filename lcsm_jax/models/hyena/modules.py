@@ -9,12 +9,14 @@ generation engine drives, with the long convolutions replaced by their pending o
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import cpu_kernels
 from lcsm_jax import convolution
 from lcsm_jax.models.hyena.config import HyenaConfig
 
@@ -140,17 +142,45 @@ def step_dense(dense: nn.Module, params: Any, x: Array) -> Array:
   `params['kernel']` (in, out) in the dtype it is stored in.
 
   A kernel stored in the module's compute dtype goes through `dense` unchanged. A narrower one
-  (bfloat16 step weights, `HyenaOnline(step_weights='bfloat16')`) is not converted here: one
-  `dot_general` of `x` and the stored kernel with `preferred_element_type` float32 (products
-  accumulated in float32; `x` is not rounded), then the bias in float32.
+  (bfloat16 step weights, `HyenaOnline(step_weights='bfloat16')`) is not converted here: the
+  product of `x` and the stored kernel with products accumulated in float32 (`x` is not
+  rounded), then the bias in float32. For a bfloat16 kernel and float32 `x` that product is
+  `cpu_kernels.bf16_matmul` where its CPU kernel could be built (on CPU a custom call that
+  reads the kernel as bfloat16, 2 bytes per weight; elsewhere the same `dot_general` as
+  below), unless traced inside `cpu_kernels.disabled()` (the engine on a device mesh: XLA
+  splits a dot over the mesh, not a custom call). Otherwise, or for other dtypes, one
+  `dot_general` with `preferred_element_type` float32, which XLA:CPU computes from a float32
+  copy of the kernel (made once, before the token loop; a warning says so once when the CPU
+  kernel is unavailable).
   """
   kernel = params["kernel"]
   compute = jnp.promote_types(x.dtype, jnp.float32)
   if kernel.dtype == jnp.dtype(dense.dtype or compute):
     return dense(x)
-  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                          preferred_element_type=compute)
+  if (kernel.dtype == jnp.bfloat16 and x.dtype == jnp.float32 and cpu_kernels.enabled()
+      and _bf16_kernel_available()):
+    y = cpu_kernels.bf16_matmul(x, kernel)
+  else:
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=compute)
   return y + params["bias"].astype(compute)
+
+
+_warned_unavailable = False
+
+
+def _bf16_kernel_available() -> bool:
+  """Whether `cpu_kernels.bf16_matmul` can run; if not, warns once (on a CPU backend) that
+  bfloat16 step weights are read as float32 copies here."""
+  global _warned_unavailable
+  if cpu_kernels.available():
+    return True
+  if not _warned_unavailable and jax.default_backend() == "cpu":
+    _warned_unavailable = True
+    warnings.warn("bfloat16 step weights are read as float32 on this machine (XLA:CPU has no "
+                  "bfloat16 dot, and the bfloat16 CPU kernel is unavailable: "
+                  f"{cpu_kernels.unavailable_reason()}).", RuntimeWarning, stacklevel=3)
+  return False
 
 
 class HyenaOperator(nn.Module):

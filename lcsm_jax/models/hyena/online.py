@@ -10,9 +10,13 @@ every layer) are rounded to bfloat16: they are stored as bfloat16 for the step (
 `constants`) and each step's matmul reads them so, with float32 activations and accumulation
 (`modules.step_dense`); carry and strategy state stay float32, and the prefill and parallel
 forward use the same rounded kernels, so every strategy stays exact with respect to that
-rounded model. Half the weight bytes per token where the backend has bfloat16 dots; XLA:CPU
-has none: it converts the kernels to float32 once, before the token loop (no per-token
-conversion), and the loop reads float32 copies, so there it is no faster.
+rounded model. Half the weight bytes per token where the backend has bfloat16 dots. XLA:CPU
+has none (its dot would convert the kernels to float32 once, before the token loop, and read
+float32 copies): on CPU the step's products are the custom call `cpu_kernels.bf16_matmul`,
+built with the system C++ compiler on first use, which reads the kernels as bfloat16. Where it
+cannot be built (no compiler, or a failed build: a warning names the reason) and on a device
+mesh (XLA splits its dots over the mesh, not a custom call), the step keeps XLA's dot and its
+float32 copies.
 """
 
 from __future__ import annotations
