@@ -40,8 +40,26 @@ void MatmulGroup(const float* __restrict x, const uint16_t* __restrict w, float*
                  int64_t batch, int64_t depth, int64_t width, float* __restrict row) {
   for (int64_t i = 0; i < batch * width; ++i) y[i] = 0.0f;
   if (batch == 1) {
-    // One row of activations: widen and accumulate in one pass over the weight row.
-    for (int64_t k = 0; k < depth; ++k) {
+    // One row of activations: widen and accumulate in one pass over the weight rows, four
+    // rows at a time so that y[n] is loaded and stored once per four rows (the additions
+    // stay in increasing k order).
+    int64_t k = 0;
+    for (; k + 4 <= depth; k += 4) {
+      const float x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
+      const uint16_t* __restrict w0 = w + k * width;
+      const uint16_t* __restrict w1 = w0 + width;
+      const uint16_t* __restrict w2 = w1 + width;
+      const uint16_t* __restrict w3 = w2 + width;
+      for (int64_t n = 0; n < width; ++n) {
+        float acc = y[n];
+        acc += x0 * WidenBf16(w0[n]);
+        acc += x1 * WidenBf16(w1[n]);
+        acc += x2 * WidenBf16(w2[n]);
+        acc += x3 * WidenBf16(w3[n]);
+        y[n] = acc;
+      }
+    }
+    for (; k < depth; ++k) {
       const float xk = x[k];
       const uint16_t* __restrict wk = w + k * width;
       for (int64_t n = 0; n < width; ++n) y[n] += xk * WidenBf16(wk[n]);
