@@ -131,6 +131,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("sample_steps", 64, "Steps per lazy sample.", **fv)
   flags_lib.define_tau_flag(flag_values)
   flags.DEFINE_integer("repeats", 3, "Timed runs (median) after one warm-up.", **fv)
+  flags.DEFINE_integer("long_length", 1 << 20, "From this L on, part e times --long_repeats "
+                       "runs without a warm-up (a run takes minutes) and flash uses "
+                       "--long_flash_base.", **fv)
+  flags.DEFINE_integer("long_repeats", 1, "Timed runs at L >= --long_length.", **fv)
+  flags.DEFINE_integer("flash_base", 4, "Flash's tiling base in part e below --long_length.",
+                       **fv)
+  flags.DEFINE_integer("long_flash_base", 2, "Flash's tiling base at L >= --long_length (base "
+                       "4 keeps every level's spectra and input-block spectra: 19 bytes per "
+                       "position and channel against base 2's 8.5, too much for 2^20 x 2048 "
+                       "channels in 24 GiB).", **fv)
   flags_lib.define_out_flag(flag_values, DEFAULT_OUT)
 
 
@@ -591,8 +601,9 @@ def bare_program(work: workloads.Workload, params, length: int) -> workloads.Pro
   return workloads.Program(run, prefill, timer.seconds, 0.0, 0.0, {})
 
 
-def time_program(program: workloads.Program, length: int, repeats: int) -> dict[str, Any]:
-  seconds, runs = median_seconds(program.run, repeats, 1)
+def time_program(program: workloads.Program, length: int, repeats: int, warmup: int = 1
+                 ) -> dict[str, Any]:
+  seconds, runs = median_seconds(program.run, repeats, warmup)
   return {"total_seconds": seconds, "runs_seconds": runs, "method": "full",
           "per_token_seconds": seconds / (length - 1), "compile_seconds": program.compile_seconds,
           "prepare_seconds": program.prepare_seconds, "xla_memory": program.memory}
@@ -617,10 +628,28 @@ def state_bytes(work: workloads.Workload, strategy: str, length: int, distilled=
   return int(found["bytes"])
 
 
+@dataclasses.dataclass(frozen=True)
+class LongRuns:
+  """How part e times the lengths from `length` on: `repeats` runs, no warm-up, flash with
+  tiling base `flash_base` (below: the caller's repeats, one warm-up, `short_flash_base`)."""
+  length: int = 1 << 20
+  repeats: int = 1
+  flash_base: int = 2
+  short_flash_base: int = EngineOptions.base
+
+  def settings(self, length: int, repeats: int) -> tuple[int, int, int]:
+    """(timed runs, warm-up runs, flash base) at L = length."""
+    if length >= self.length:
+      return self.repeats, 0, self.flash_base
+    return repeats, 1, self.short_flash_base
+
+
 def run_speed(store, kind: str, layers: int, width: int, inner: int, lengths, strategies,
               order: int, repeats: int, tau, flash_max: int, lazy_max: int, lazy_full_max: int,
-              sampling: sampling_lib.Sampling) -> list[dict[str, Any]]:
+              sampling: sampling_lib.Sampling, long: "LongRuns" = None
+              ) -> list[dict[str, Any]]:
   """Per-token time and state bytes of every strategy at every L (rows for the CSV)."""
+  long = long or LongRuns()
   rows = []
   base_work = speed_workload(kind, layers, width, inner, SPEED_FILTER_LENGTH)
   small_params = workloads.cached_params(base_work)
@@ -632,29 +661,39 @@ def run_speed(store, kind: str, layers: int, width: int, inner: int, lengths, st
         logging.info("%s %s at L=%d: not run (above its --%s_max_length)", kind, strategy,
                      length, strategy)
         continue
+      runs, warmup, base = long.settings(length, repeats)
       config = dict(base_work.describe(), part="e", strategy=strategy, length=length,
-                    repeats=repeats)
+                    repeats=runs)
+      if not warmup:
+        config["warmup"] = 0
       if strategy == "modal":
         config["order"] = order
       if strategy == "flash":
         config["tau"] = tau
+        if base != EngineOptions.base:
+          config["base"] = base
       if strategy == "lazy":
         config.update(sampling.key("lazy", length))
 
-      def measure(strategy=strategy, length=length):
+      def measure(strategy=strategy, length=length, runs=runs, warmup=warmup, base=base):
         if strategy == "modal":
           entry = time_program(modal_program(base_work, small_params, length, distilled),
-                               length, repeats)
+                               length, runs, warmup)
           entry["state_bytes"] = state_bytes(base_work, "modal", length, distilled)
         elif strategy == "bare":
-          entry = time_program(bare_program(base_work, small_params, length), length, repeats)
+          entry = time_program(bare_program(base_work, small_params, length), length, runs,
+                               warmup)
           entry["state_bytes"] = 0
         else:
           work = base_work.replace(max_length=length)
-          params = workloads.cached_params(work)
-          options = EngineOptions(tau=tau if strategy == "flash" else "auto")
+          # the stack's parameters are its taps: made for the session alone, which releases
+          # them once flash's tables hold them (at 2^20, 8 GiB that would not fit beside them)
+          params = (work.params if work.kind == "stack" and strategy == "flash"
+                    else workloads.cached_params(work))
+          options = (EngineOptions(tau=tau, base=base) if strategy == "flash"
+                     else EngineOptions())
           entry = sampling_lib.measure_strategy(work, params, strategy, length, options,
-                                                repeats, sampling)
+                                                runs, sampling, warmup)
           entry["state_bytes"] = state_bytes(work, strategy, length, options=options)
         logging.info("%s %s L=%d: %.1f us/token (%s), state %.1f KiB", kind, strategy, length,
                      entry["per_token_seconds"] * 1e6, entry["method"],
@@ -890,7 +929,9 @@ def run_distill(f) -> dict[str, Any]:
           ("lm", f.lm_layers, f.lm_width, f.lm_lengths)):
         rows += run_speed(store, kind, layers, width, f.lm_inner, [int(n) for n in lengths],
                           f.speed_strategies, f.speed_order, f.repeats, tau,
-                          f.flash_max_length, f.lazy_max_length, f.lazy_full_max, sampling)
+                          f.flash_max_length, f.lazy_max_length, f.lazy_full_max, sampling,
+                          LongRuns(f.long_length, f.long_repeats, f.long_flash_base,
+                                   f.flash_base))
       store_lib.write_csv(store.path.with_name(f"{store.path.stem}_speed.csv"), rows)
       plot_speed(rows, figure_path(store.path, "speed"))
       store.set("speed", {"rows": rows, "targets": speed_targets(rows),

@@ -1,5 +1,8 @@
 """Every strategy of the engine reproduces a direct float64 forward of the mixing-only stack."""
 
+import gc
+import weakref
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -191,3 +194,25 @@ def test_smoothed_rollout_resumes_call_by_call():
     pieces.append(out)
   outputs = jnp.concatenate(pieces, axis=1)
   check_rollout(stack, params, prompt, 137, outputs)
+
+
+
+@pytest.mark.parametrize("strategy,drops", [("flash", True), ("lazy", False),
+                                            ("recompute", False)])
+def test_session_releases_the_taps_its_tables_supply(strategy, drops):
+  """The stack's parameters are its taps, and flash's tables hold them too: a flash session
+  gives its programs only the skip terms and lets the full parameters go once the tables
+  exist. Strategies that read the model's own filters after prepare keep them."""
+  stack = ConvStack(2, 6, 40)
+  params = stack.init(jax.random.key(3))
+  reference = jax.tree.map(np.array, params)  # copies (np.asarray would keep the buffers)
+  taps = weakref.ref(params["taps"])
+  session = decoding.Rollout(params, stack, strategy, tau=4)
+  assert ("taps" in session.params) is not drops
+  del params
+  prompt = jax.random.normal(jax.random.key(4), (2, 5, 6))
+  outputs, state = session.prefill(prompt)
+  rest, _ = session.run(state, 35)
+  gc.collect()
+  assert (taps() is None) is drops
+  check_rollout(stack, reference, prompt, 35, jnp.concatenate([outputs, rest], axis=1))

@@ -219,8 +219,11 @@ class Workload:
 
   def program(self, params, strategy: str, length: int, prompt: int,
               options: EngineOptions) -> Program:
-    """Compiled generation of positions [prompt, length) after a prompt of `prompt` >= 1."""
-    session = self.session(params, strategy, length, options)
+    """Compiled generation of positions [prompt, length) after a prompt of `prompt` >= 1.
+    `params`: the parameters, or a function making them, called here so that only the
+    session holds them (it lets the filters' parameters go once its tables exist, where its
+    strategy's tables hold the filters: `decoding.session.Session.params`)."""
+    session = self.session(params() if callable(params) else params, strategy, length, options)
     session.engine(self.batch)  # tau='auto' resolved before anything is timed
     fresh_compilation()
     with CompileTimer() as tables_timer:

@@ -70,7 +70,11 @@ class Session:
 
   Attributes:
     model: the model's online adapter.
-    params: its parameters, on the default device.
+    params: the parameters the compiled programs read, on the default device: the model's,
+      or, when the strategy's tables supply the filters (`supplies_filters`) and the model
+      can drop what only its filters read (`without_filters`), those without them. The full
+      parameters are kept until the tables are made, then released (only the caller's own
+      reference keeps them alive).
     strategy: the strategy's registry name.
     max_length: positions every sequence may reach (tables and states are sized for it); at
       most the model's, except for strategies that are `unbounded` (modal).
@@ -107,8 +111,12 @@ class Session:
     self._table_engine = Engine(model, strategies.create(strategy, self.options),
                                 self.max_length, sharding)
     partition = getattr(model, "param_partition", lambda params: sharding_lib.REPLICATED)
-    self.params = sharding_lib.place(sharding, params,
-                                     partition(params) if sharding else None)
+    self._filter_params = sharding_lib.place(sharding, params,
+                                             partition(params) if sharding else None)
+    without_filters = getattr(model, "without_filters", None)
+    self.params = (without_filters(self._filter_params)
+                   if without_filters and self._table_engine.strategy.supplies_filters
+                   else self._filter_params)
     self.aux = aux if aux is None else sharding_lib.place(
         sharding, aux, self._table_engine.strategy.aux_layout(aux) if sharding else None)
     self._tables: EngineTables | None = None
@@ -121,8 +129,9 @@ class Session:
     """Filter tables for `max_length` positions, computed on first use and kept."""
     if self._tables is None:
       self.check_memory(self.table_parts, "use a smaller max_length")
-      self._tables = self._run(prepare_program, dict(engine=self._table_engine), self.params,
-                               self.aux)
+      self._tables = self._run(prepare_program, dict(engine=self._table_engine),
+                               self._filter_params, self.aux)
+      self._filter_params = None
     return self._tables
 
   def abstract_tables(self) -> EngineTables:
@@ -130,7 +139,8 @@ class Session:
     mesh the tables are built (their shardings are part of every program's signature)."""
     if self._tables is not None or self.sharding is not None:
       return self.tables
-    return self.shapes(_prepare, dict(engine=self._table_engine), self.params, self.aux)
+    return self.shapes(_prepare, dict(engine=self._table_engine), self._filter_params,
+                       self.aux)
 
   def engine(self, batch: int) -> Engine:
     """The engine for batches of `batch` rows. tau='auto' is resolved here, once per batch
@@ -185,8 +195,8 @@ class Session:
     memory, by XLA's analysis of the compiled table program."""
     if self._tables is not None:
       return {}
-    compiled = self.compiled(prepare_program, dict(engine=self._table_engine), self.params,
-                             self.aux)
+    compiled = self.compiled(prepare_program, dict(engine=self._table_engine),
+                             self._filter_params, self.aux)
     return {"filter tables and their computation": memory.program_bytes(compiled)}
 
   def check_memory(self, parts: Mapping[str, int] | Callable[[], Mapping[str, int]],

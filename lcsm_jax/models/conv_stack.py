@@ -61,7 +61,14 @@ class ConvStack:
 
   def param_partition(self, params: Params) -> dict[str, PartitionSpec]:
     """Taps (M, l_max, D) and skip terms (M, D): channels on CHANNELS."""
-    return {"taps": PartitionSpec(None, None, CHANNELS), "skip": PartitionSpec(None, CHANNELS)}
+    specs = {"taps": PartitionSpec(None, None, CHANNELS), "skip": PartitionSpec(None, CHANNELS)}
+    return {name: specs[name] for name in params}
+
+  def without_filters(self, params: Params) -> Params:
+    """The parameters without the taps, for a session whose strategy's tables hold them
+    (`decoding.session.Session` drops them once the tables exist: the taps are the stack's
+    parameters, and the tables' copy would double their bytes)."""
+    return {"skip": params["skip"]}
 
   def carry_partition(self, carry: tuple) -> tuple:
     return ()

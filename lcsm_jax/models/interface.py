@@ -84,6 +84,10 @@ class OnlineModel(Protocol):
   # Optional (see the module docstring):
   # def param_partition(self, params: Params) -> Any: logical PartitionSpecs of the parameters
   # def carry_partition(self, carry: Carry) -> Any: logical PartitionSpecs of the carry
+  # def without_filters(self, params: Params) -> Params: the parameters `prefill` (given
+  #   taps) and `step` read, without those only `filters` reads; a session whose strategy
+  #   supplies the filters keeps only these once its tables exist (worth it where the
+  #   filters' parameters are large, e.g. explicit taps)
 
 
 @runtime_checkable

@@ -58,6 +58,8 @@ class StrategyBase:
   unbounded: ClassVar[bool] = False   # sequences may grow past the model's filter length
   channel_local: ClassVar[bool] = False  # init reads only prefill.conv_inputs, and init,
                                          # pending and update treat rows and channels apart
+  supplies_filters: ClassVar[bool] = False  # prefill_taps gives the filters from the tables,
+                                         # and nothing after prepare reads the model's own
 
   @classmethod
   def check_aux(cls, aux: Any, model: OnlineModel) -> None:

@@ -116,6 +116,7 @@ class Flash(base.MixingStrategy):
 
   name: ClassVar[str] = "flash"
   exact: ClassVar[bool] = True
+  supplies_filters: ClassVar[bool] = True
 
   options: EngineOptions = EngineOptions()
   crossover: int | None = None
@@ -178,6 +179,10 @@ class Flash(base.MixingStrategy):
         for size, table in spectra.items()
         if size <= VECTORISED_SQUARES_MAX and table.shape[0] > 1}
     return FlashTables(taps, spectra, reversed_spectra, self._direct_taps_table(taps))
+
+  def prefill_taps(self, tables: FlashTables, length: int) -> Array:
+    # the model's filters as prepare received them: the model's own parameters for them can go
+    return tables.taps[:length]
 
   def _direct_taps_table(self, taps: Array) -> Array:
     """The first H taps, channel-major, after H zeros: (S, D, 2H), H the largest window

@@ -103,6 +103,7 @@ class Modal(base.MixingStrategy):
   exact: ClassVar[bool] = False
   needs_taps: ClassVar[bool] = False
   unbounded: ClassVar[bool] = True
+  supplies_filters: ClassVar[bool] = True
 
   chunk: int = 256
   prefill: str = "vandermonde"
