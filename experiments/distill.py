@@ -4,8 +4,12 @@ generated text, and the speed and memory of the modal strategy against exact gen
   python -m experiments.distill                                   # small default (~2 min)
   python -m experiments.distill --parts=c,a,b,d,e --orders=2,4,8,16,32,64 \
       --quality_orders=2,4,8,16,32,64,96,128 --eval_windows=256 --gen_tokens=1000 \
-      --stack_lengths=1024,4096,16384,65536,1048576 --lm_lengths=1024,4096,16384 \
+      --stack_lengths=1024,4096,16384,65536,1048576 --lm_lengths=1024,4096,16384,65536 \
       --flash_max_length=65536 --lazy_max_length=65536        # the full run (~40 min)
+  python -m experiments.distill --parts=e --stack_lengths= --lm_lengths=1048576 \
+      --flash_max_length=1048576 --lazy_max_length=1048576    # the LM at 2^20 (~1 h)
+  python -m experiments.distill --parts=e --stack_lengths=1048576 --lm_lengths= \
+      --speed_strategies=flash --flash_max_length=1048576     # flash on the stack at 2^20
 
 Parts (--parts, any subset, run in the order given):
 
@@ -33,7 +37,9 @@ Parts (--parts, any subset, run in the order given):
     --lm_layers / --lm_inner, HyenaDNA architecture as `lib.workloads`), each with its bare
     step (the same token loop with the long convolutions removed: the floor), at --stack_lengths /
     --lm_lengths; lazy sampled above --lazy_full_max (`lib.sampling`) and stopped above
-    --lazy_max_length, flash stopped above --flash_max_length; and state bytes per sequence
+    --lazy_max_length, flash stopped above --flash_max_length (from --long_length on: one
+    timed run without warm-up, flash with base --long_flash_base, whose tables and state fit
+    2^20 x 2048 channels in 24 GiB); and state bytes per sequence
     (the sessions' `state_shape`). The modal filters of these random models are random stable
     `ModalFilters` (poles |p| in [0.5, 0.99], uniform phase; quality is irrelevant for speed),
     on a filter length of 1024 (modal needs none: the session's max_length is L).
