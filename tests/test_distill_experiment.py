@@ -89,6 +89,13 @@ def test_small_helpers():
   assert float(jnp.abs(filters.poles).max()) < 1
 
 
+def test_long_runs_settings():
+  long = runner.LongRuns(length=1024, repeats=1, flash_base=2, short_flash_base=4)
+  assert long.settings(512, 3) == (3, 1, 4)
+  assert long.settings(1024, 3) == (1, 0, 2)
+  assert long.settings(4096, 5) == (1, 0, 2)
+
+
 def test_speed_targets():
   def row(model, strategy, length, us):
     return {"model": model, "strategy": strategy, "length": length,
@@ -130,7 +137,7 @@ def test_smoke_run_writes_json(tmp_path):
   fv(["runner", f"--out={out}", "--parts=c,e", "--quality_orders=2", "--refine_steps=0",
       "--eval_windows=2", "--seq_len=8", "--eval_batch=2", "--fixture_dir=", "--stack_layers=2",
       "--stack_width=4", "--stack_lengths=16,32", "--lm_lengths=", "--speed_order=4",
-      "--speed_strategies=modal,bare,flash", "--tau=2", "--repeats=1"])
+      "--speed_strategies=modal,bare,flash", "--tau=2", "--repeats=2", "--long_length=32"])
   runner.main([], fv)
   data = json.loads(out.read_text())
   assert set(data) >= {"machine", "points", "quality", "speed"}
@@ -143,6 +150,11 @@ def test_smoke_run_writes_json(tmp_path):
   assert {(r["strategy"], r["length"]) for r in data["speed"]["rows"]} == {
       (s, n) for s in ("modal", "bare", "flash") for n in (16, 32)}
   assert "stack_modal_vs_bare" in data["speed"]["targets"]
+  speed_keys = [json.loads(k) for k in data["points"] if json.loads(k).get("part") == "e"]
+  for key in speed_keys:  # from --long_length on: one run, no warm-up, flash with base 2
+    long = key["length"] >= 32
+    assert key["repeats"] == (1 if long else 2) and ("warmup" in key) is long, key
+    assert key.get("base") == (2 if long and key["strategy"] == "flash" else None), key
   assert all(r["per_token_seconds"] > 0 for r in data["speed"]["rows"])
   modal_state = {r["state_bytes"] for r in data["speed"]["rows"] if r["strategy"] == "modal"}
   assert modal_state == {2 * 4 * 2 * 8 + 2 * 4 * 4}  # S D N/2 complex + S D pending, any L
