@@ -652,7 +652,7 @@ class LongRuns:
 
 def run_speed(store, kind: str, layers: int, width: int, inner: int, lengths, strategies,
               order: int, repeats: int, tau, flash_max: int, lazy_max: int, lazy_full_max: int,
-              sampling: sampling_lib.Sampling, long: "LongRuns" = None
+              sampling: sampling_lib.Sampling, long: LongRuns | None = None
               ) -> list[dict[str, Any]]:
   """Per-token time and state bytes of every strategy at every L (rows for the CSV)."""
   long = long or LongRuns()

@@ -179,7 +179,7 @@ def hlo() -> None:
                                   **extra)
     engine = session.engine(8)
     tables = session.compiled(session_lib.prepare_program, dict(engine=session._table_engine),  # pylint: disable=protected-access
-                              session._filter_params, session.aux)  # pylint: disable=protected-access
+                              session._full_params, session.aux)  # pylint: disable=protected-access
     counts = {}
     for length in PROMPTS:
       prompt = sharding_lib.place(session.sharding, jnp.ones((8, length, 16)), sharding_lib.ROWS)

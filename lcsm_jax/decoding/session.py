@@ -111,12 +111,12 @@ class Session:
     self._table_engine = Engine(model, strategies.create(strategy, self.options),
                                 self.max_length, sharding)
     partition = getattr(model, "param_partition", lambda params: sharding_lib.REPLICATED)
-    self._filter_params = sharding_lib.place(sharding, params,
-                                             partition(params) if sharding else None)
+    self._full_params = sharding_lib.place(sharding, params,
+                                           partition(params) if sharding else None)
     without_filters = getattr(model, "without_filters", None)
-    self.params = (without_filters(self._filter_params)
+    self.params = (without_filters(self._full_params)
                    if without_filters and self._table_engine.strategy.supplies_filters
-                   else self._filter_params)
+                   else self._full_params)
     self.aux = aux if aux is None else sharding_lib.place(
         sharding, aux, self._table_engine.strategy.aux_layout(aux) if sharding else None)
     self._tables: EngineTables | None = None
@@ -130,8 +130,8 @@ class Session:
     if self._tables is None:
       self.check_memory(self.table_parts, "use a smaller max_length")
       self._tables = self._run(prepare_program, dict(engine=self._table_engine),
-                               self._filter_params, self.aux)
-      self._filter_params = None
+                               self._full_params, self.aux)
+      self._full_params = None
     return self._tables
 
   def abstract_tables(self) -> EngineTables:
@@ -139,7 +139,7 @@ class Session:
     mesh the tables are built (their shardings are part of every program's signature)."""
     if self._tables is not None or self.sharding is not None:
       return self.tables
-    return self.shapes(_prepare, dict(engine=self._table_engine), self._filter_params,
+    return self.shapes(_prepare, dict(engine=self._table_engine), self._full_params,
                        self.aux)
 
   def engine(self, batch: int) -> Engine:
@@ -196,7 +196,7 @@ class Session:
     if self._tables is not None:
       return {}
     compiled = self.compiled(prepare_program, dict(engine=self._table_engine),
-                             self._filter_params, self.aux)
+                             self._full_params, self.aux)
     return {"filter tables and their computation": memory.program_bytes(compiled)}
 
   def check_memory(self, parts: Mapping[str, int] | Callable[[], Mapping[str, int]],
