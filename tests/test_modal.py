@@ -142,7 +142,7 @@ def test_the_state_does_not_grow_with_the_length():
     decoder = decoding.Decoder(params, CONFIG, "modal", max_length=max_length,
                                distilled=filters)
     state = decoder.state_shape(3, 5)
-    assert state.engine.strategy.x.shape == (model.num_streams, 3, model.width, 4)
+    assert state.engine.strategy.x.shape == (model.num_streams, 3, 4, model.width)
     sizes.append(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
   assert sizes[0] == sizes[1]
 

@@ -40,6 +40,8 @@ SPECTRA = PartitionSpec(None, CHANNELS)                  # (streams, channels, .
 WINDOW_SPECTRA = PartitionSpec(None, None, CHANNELS)     # (windows, streams, channels, ...)
 DIRECT_TAPS = PartitionSpec(None, CHANNELS)                # (streams, channels, positions)
 STATES = PartitionSpec(None, BATCH, CHANNELS)            # (streams, batch, channels, ...)
+MODES = PartitionSpec(None, BATCH, None, CHANNELS)       # (streams, batch, modes, channels)
+STEP_PLANES = PartitionSpec(None, None, None, CHANNELS)  # (planes, streams, modes, channels)
 
 
 def is_spec(x: Any) -> bool:

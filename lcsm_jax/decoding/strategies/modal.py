@@ -13,7 +13,8 @@ Vandermonde sum ('vandermonde', default: chunks of `chunk` positions, each one b
 carried across chunks by p^chunk) or by FFT convolution with the kernel p^t ('fft').
 
 The step runs in real arithmetic on the state's real and imaginary planes (float32, the same
-bytes as complex64), and carries the next position's pending outputs: Re sum R x[t] =
+bytes as complex64), laid out (S, B, H, D) with the channels minor so that the sum over poles
+adds whole rows, and carries the next position's pending outputs: Re sum R x[t] =
 Re sum (R p) x[t-1] + a[t] Re sum R, read from the state before the update, so that the pending
 outputs do not recompute the update. Measured on the 8 x 256 stack at N = 16 (2 cores): about 2x
 faster per token than complex64 arithmetic with the pending outputs read from the new state.
@@ -44,21 +45,23 @@ class ModalTables(NamedTuple):
   poles: Array     # (S, D, H) complex64, H = N / 2
   residues: Array  # (S, D, H) complex64
   tap0: Array      # (S, D) the model's own h[0], kept exactly
-  residue_poles: Array  # (S, D, H) complex64: R p, for the step's pending outputs
+  step_poles: Array     # (2, S, H, D) float32: Re p, Im p, channels minor (the step's layout)
+  step_residues: Array  # (2, S, H, D) float32: Re (R p), Im (R p), for the pending outputs
   residue_sum: Array    # (S, D) float32: Re sum_n R_n
 
 
 class ModalState(NamedTuple):
   """The state after the latest fed position: x_n = x + i xi, and y = Re sum_n R_n x_n, the
   pending outputs of the next position."""
-  x: Array   # (S, B, D, H) float32: the real part
-  xi: Array  # (S, B, D, H) float32: the imaginary part
+  x: Array   # (S, B, H, D) float32: the real part
+  xi: Array  # (S, B, H, D) float32: the imaginary part
   y: Array   # (S, B, D) float32
 
 
 def modal_state(x: Array, residues: Array) -> ModalState:
   """The ModalState of a complex state x (S, B, D, H) for residues (S, D, H)."""
   y = jnp.einsum("sbdh,sdh->sbd", x, residues).real.astype(jnp.float32)
+  x = jnp.swapaxes(x, -1, -2)
   return ModalState(x.real.astype(jnp.float32), x.imag.astype(jnp.float32), y)
 
 
@@ -138,7 +141,11 @@ class Modal(base.MixingStrategy):
   def prepare(self, taps: Array, aux: Any = None) -> ModalTables:
     poles = jnp.asarray(aux.poles, jnp.complex64)
     residues = jnp.asarray(aux.residues, jnp.complex64)
-    return ModalTables(poles, residues, taps[0], residues * poles,
+    def planes(z):  # (S, D, H) complex -> (2, S, H, D) float32
+      z = jnp.swapaxes(z, -1, -2)
+      return jnp.stack([z.real, z.imag]).astype(jnp.float32)
+
+    return ModalTables(poles, residues, taps[0], planes(poles), planes(residues * poles),
                        jnp.sum(residues.real, -1).astype(jnp.float32))
 
   def aux_layout(self, aux: Any) -> Any:
@@ -146,10 +153,11 @@ class Modal(base.MixingStrategy):
                         aux)
 
   def table_layout(self, tables: ModalTables) -> ModalTables:
-    return ModalTables(*[sharding.SPECTRA] * len(ModalTables._fields))
+    return ModalTables(sharding.SPECTRA, sharding.SPECTRA, sharding.SPECTRA,
+                       sharding.STEP_PLANES, sharding.STEP_PLANES, sharding.SPECTRA)
 
   def state_layout(self, state: ModalState) -> ModalState:
-    return ModalState(sharding.STATES, sharding.STATES, sharding.STREAMS)
+    return ModalState(sharding.MODES, sharding.MODES, sharding.STREAMS)
 
   def prefill_taps(self, tables: ModalTables, length: int) -> Array:
     # tap 0 is the model's own h[0], as in the steps' diagonal
@@ -172,10 +180,10 @@ class Modal(base.MixingStrategy):
 
   def update(self, tables: ModalTables, state: ModalState, r, inputs: Array,
              num_steps: int) -> ModalState:
-    p = tables.poles[:, None]                         # (S, 1, D, H)
-    rp = tables.residue_poles[:, None]
+    pr, pi = tables.step_poles[:, :, None]            # (S, 1, H, D) each
+    rr, ri = tables.step_residues[:, :, None]
     total = tables.residue_sum[:, None]               # (S, 1, D): Re sum R
     a = inputs.astype(jnp.float32)
-    xr, xi = state.x, state.xi
-    y = jnp.sum(rp.real * xr - rp.imag * xi, -1) + total * a
-    return ModalState(p.real * xr - p.imag * xi + a[..., None], p.real * xi + p.imag * xr, y)
+    xr, xi = state.x, state.xi                        # (S, B, H, D)
+    y = jnp.sum(rr * xr - ri * xi, -2) + total * a
+    return ModalState(pr * xr - pi * xi + a[:, :, None], pr * xi + pi * xr, y)
