@@ -197,12 +197,12 @@ def test_smoothed_rollout_resumes_call_by_call():
 
 
 
-@pytest.mark.parametrize("strategy,drops", [("flash", True), ("lazy", False),
-                                            ("recompute", False)])
+@pytest.mark.parametrize("strategy,drops", [("flash", True), ("lazy", True),
+                                            ("eager", False), ("recompute", False)])
 def test_session_releases_the_taps_its_tables_supply(strategy, drops):
-  """The stack's parameters are its taps, and flash's tables hold them too: a flash session
-  gives its programs only the skip terms and lets the full parameters go once the tables
-  exist. Strategies that read the model's own filters after prepare keep them."""
+  """The stack's parameters are its taps, and flash's and lazy's tables hold them too: such a
+  session gives its programs only the skip terms and lets the full parameters go once the
+  tables exist. Strategies that read the model's own filters after prepare keep them."""
   stack = ConvStack(2, 6, 40)
   params = stack.init(jax.random.key(3))
   reference = jax.tree.map(np.array, params)  # copies (np.asarray would keep the buffers)
