@@ -37,8 +37,17 @@ def _compute_dtype(dtype) -> jnp.dtype:
   return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
+SPECTRUM_GROUP_BYTES = 1 << 28  # larger spectra are computed a group of channels at a time
+
+
 def causal_conv_fft(u: jax.Array, h: jax.Array) -> jax.Array:
   """`y[..., t, c] = sum_{s <= t} u[..., s, c] * h[t - s, c]` through one real FFT of size >= 2L.
+
+  The filter's transform waits for `u` (a data dependence): in a stack of layers XLA
+  would otherwise transform every layer's filter up front and keep all the spectra alive (16
+  GiB for 8 x 256 channels at 2^20 positions). Where one spectrum of `u` would exceed
+  `SPECTRUM_GROUP_BYTES`, the channels are transformed a group at a time (a loop writing each
+  group's outputs in place), so that the working memory stays a few such spectra.
 
   Args:
     u: `(..., L, C)` input.
@@ -47,12 +56,39 @@ def causal_conv_fft(u: jax.Array, h: jax.Array) -> jax.Array:
     `(..., L, C)` in the compute dtype (float32, or float64 for float64 inputs).
   """
   _check_filter(u, h)
-  length = u.shape[-2]
+  length, channels = u.shape[-2:]
   dtype = _compute_dtype(jnp.result_type(u.dtype, h.dtype))
   n = fft_length(2 * length)
-  u_f = jnp.fft.rfft(u.astype(dtype), n=n, axis=-2)
-  h_f = jnp.fft.rfft(h[:length].astype(dtype), n=n, axis=0)
-  return jnp.fft.irfft(u_f * h_f, n=n, axis=-2)[..., :length, :]
+  u = u.astype(dtype)
+  # a data dependence (0 * u[first]): XLA:CPU drops optimization barriers before scheduling
+  h = h[:length].astype(dtype) + 0 * u[(0,) * (u.ndim - 2) + (slice(0, 1), slice(None))][0]
+
+  def conv(u, h):
+    u_f = jnp.fft.rfft(u, n=n, axis=-2)
+    h_f = jnp.fft.rfft(h, n=n, axis=0)
+    return jnp.fft.irfft(u_f * h_f, n=n, axis=-2)[..., :length, :]
+
+  rows = int(np.prod(u.shape[:-2], dtype=np.int64)) * (n // 2 + 1)
+  groups = channel_groups(channels, rows * channels * 2 * np.dtype(dtype).itemsize)
+  if groups == 1:
+    return conv(u, h)
+  width = channels // groups
+
+  def add_group(g, y):
+    part = conv(jax.lax.dynamic_slice_in_dim(u, g * width, width, axis=-1),
+                jax.lax.dynamic_slice_in_dim(h, g * width, width, axis=-1))
+    return jax.lax.dynamic_update_slice_in_dim(y, part, g * width, axis=-1)
+
+  return jax.lax.fori_loop(0, groups, add_group, jnp.zeros(u.shape, dtype))
+
+
+def channel_groups(channels: int, spectrum_bytes: int) -> int:
+  """The fewest groups, a divisor of `channels`, whose share of a spectrum of `spectrum_bytes`
+  (all channels) is at most `SPECTRUM_GROUP_BYTES`."""
+  for groups in range(1, channels + 1):
+    if channels % groups == 0 and spectrum_bytes <= groups * SPECTRUM_GROUP_BYTES:
+      return groups
+  return channels
 
 
 def causal_conv_direct(u: jax.Array, h: jax.Array) -> jax.Array:

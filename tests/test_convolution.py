@@ -159,3 +159,46 @@ def test_long_convolution_by_name():
   with pytest.raises(ValueError, match="unknown long convolution 'pallas'"):
     long_convolution("pallas")
   assert set(convolution.LONG_CONVOLUTIONS) >= {"fft", "direct"}
+
+
+@pytest.mark.parametrize("channels,spectrum,limit,groups", [
+    (256, 10, 10, 1), (256, 11, 10, 2), (256, 40, 10, 4), (6, 40, 10, 6), (7, 15, 10, 7),
+    (12, 25, 10, 3)])
+def test_channel_groups_are_the_fewest_that_fit(monkeypatch, channels, spectrum, limit, groups):
+  monkeypatch.setattr(convolution, "SPECTRUM_GROUP_BYTES", limit)
+  assert convolution.channel_groups(channels, spectrum) == groups
+
+
+@pytest.mark.parametrize("batch_shape,length,channels", [((), 37, 6), ((2,), 50, 12),
+                                                          ((2, 3), 33, 5)])
+def test_channel_groups_give_the_same_convolution(monkeypatch, batch_shape, length, channels):
+  """A spectrum over the limit is transformed a group of channels at a time, with the same
+  result (against the float64 direct sum)."""
+  rng = np.random.default_rng(length)
+  u = rng.standard_normal(batch_shape + (length, channels)).astype(np.float32)
+  h = (rng.standard_normal((length + 3, channels)) / np.sqrt(length)).astype(np.float32)
+  expected = causal_conv_numpy(u, h)
+  monkeypatch.setattr(convolution, "SPECTRUM_GROUP_BYTES", 1)  # one channel per group
+  hlo = jax.jit(causal_conv_fft).lower(u, h).as_text()
+  assert "while" in hlo
+  out = jax.jit(causal_conv_fft)(u, h)
+  chex.assert_shape(out, u.shape)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_stack_of_convolutions_keeps_few_spectra_alive():
+  """Each filter's transform waits for its layer's input: XLA would otherwise transform every
+  layer's filter first and keep all the spectra alive (10 spectra here without the
+  dependence, 3 with it)."""
+  length, channels, layers = 4096, 64, 8
+  taps = jax.ShapeDtypeStruct((layers, length, channels), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, length, channels), jnp.float32)
+
+  def stack(taps, x):
+    for layer in range(layers):
+      x = jnp.tanh(causal_conv_fft(x, taps[layer]))
+    return x
+
+  compiled = jax.jit(stack).lower(taps, x).compile()
+  spectrum = (length + 1) * channels * 8
+  assert compiled.memory_analysis().temp_size_in_bytes <= 4 * spectrum
