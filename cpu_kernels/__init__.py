@@ -11,6 +11,8 @@
                                 unavailable (with a warning) or inside disabled()
   modal_step_reference(...)     plain JAX: the same formulas as XLA operations
   disabled(), enabled()         a tracing-time switch to keep XLA dots (on a device mesh)
+  on_local_shards()             kernels enabled again inside disabled(), for the per-shard
+                                functions of jax.shard_map
 """
 
 from cpu_kernels.bf16_matmul import available
@@ -21,6 +23,7 @@ from cpu_kernels.modal_step import modal_step
 from cpu_kernels.modal_step_reference import modal_step_reference
 from cpu_kernels.switch import disabled
 from cpu_kernels.switch import enabled
+from cpu_kernels.switch import on_local_shards
 
 __all__ = [
     "available",
@@ -30,5 +33,6 @@ __all__ = [
     "enabled",
     "modal_step",
     "modal_step_reference",
+    "on_local_shards",
     "unavailable_reason",
 ]

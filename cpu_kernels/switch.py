@@ -9,7 +9,11 @@ therefore asks for the XLA path:
     ...trace the step...          # enabled() is False here, in this thread
 
 `enabled()` is read when a function is traced, so the context must surround the tracing (it
-does nothing to a program already compiled).
+does nothing to a program already compiled). Code traced inside `jax.shard_map` sees each
+device's own shards, which nothing partitions, and may use the kernels again:
+
+  with cpu_kernels.on_local_shards():
+    ...trace the per-shard function...   # enabled() is True again, even inside disabled()
 """
 
 from __future__ import annotations
@@ -28,6 +32,18 @@ def disabled():
     yield
   finally:
     _local.depth -= 1
+
+
+@contextlib.contextmanager
+def on_local_shards():
+  """Within this context (in this thread), `enabled()` is True, even inside `disabled()`: for
+  functions traced inside `jax.shard_map`, whose operands are one device's shards."""
+  depth = getattr(_local, "depth", 0)
+  _local.depth = 0
+  try:
+    yield
+  finally:
+    _local.depth = depth
 
 
 def enabled() -> bool:

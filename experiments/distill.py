@@ -693,8 +693,9 @@ def run_speed(store, kind: str, layers: int, width: int, inner: int, lengths, st
         else:
           work = base_work.replace(max_length=length)
           # the stack's parameters are its taps: made for the session alone, which releases
-          # them once flash's tables hold them (at 2^20, 8 GiB that would not fit beside them)
-          params = (work.params if work.kind == "stack" and strategy == "flash"
+          # them once flash's or lazy's tables hold them (at 2^20, 8 GiB that would not fit
+          # beside them)
+          params = (work.params if work.kind == "stack" and strategy in ("flash", "lazy")
                     else workloads.cached_params(work))
           options = (EngineOptions(tau=tau, base=base) if strategy == "flash"
                      else EngineOptions())

@@ -190,6 +190,9 @@ def hlo() -> None:
       run = session.compiled(session._run_program, dict(engine=engine, num_steps=5),  # pylint: disable=protected-access
                              session.params, session.tables, state)
       found = collectives(run.as_text())
+      kernel = importlib.import_module("cpu_kernels.modal_step")
+      if strategy == "modal" and kernel.available():  # the per-shard update's custom call
+        assert kernel.TARGET in run.as_text(), "modal: its CPU kernel is not used on the mesh"
       if strategy != "recompute":  # recompute runs the parallel forward: XLA's collectives
         assert not found, f"{strategy} prompt {length}: token loop has collectives {found}"
     table_found = collectives(tables.as_text())

@@ -50,6 +50,35 @@ def test_rollout_matches_direct_forward(strategy, layers, width, batch, prompt_l
   check_rollout(stack, params, prompt, steps, outputs)
 
 
+@pytest.mark.parametrize("prompt_len,steps,chunk", [
+    (1, 40, 8),    # one prompt position: the online windows, the first ones moved to tap 0
+    (3, 29, 8),    # a prompt shorter than the chunk (its window is the whole prompt)
+    (16, 17, 8),   # the chunk divides the prompt
+    (21, 19, 8),   # the last prompt window moved back to end at the prompt's end
+    (45, 3, 4),    # many prompt windows, steps within one online window
+    (5, 60, 64),   # a chunk longer than the filters: the largest power of two that fits
+])
+def test_lazy_windows_at_every_boundary(prompt_len, steps, chunk):
+  """Lazy's prompt and online windows (read backwards, the last ones moved and masked) against
+  the float64 direct sum, at prompt lengths and step counts around the chunk."""
+  stack = ConvStack(2, 5, prompt_len + steps)
+  params = stack.init(jax.random.key(prompt_len + 11 * steps))
+  prompt = jax.random.normal(jax.random.key(5), (2, prompt_len, 5))
+  session = decoding.Rollout(params, stack, "lazy", chunk=chunk)
+  outputs, state = session.prefill(prompt)
+  pieces = [outputs]
+  rest = steps
+  for count in (1, 2, 5, 13):
+    count = min(count, rest)
+    if count:
+      out, state = session.run(state, count)
+      pieces.append(out)
+      rest -= count
+  if rest:
+    pieces.append(session.run(state, rest)[0])
+  check_rollout(stack, params, prompt, steps, jnp.concatenate(pieces, axis=1))
+
+
 @pytest.mark.parametrize("options", [
     dict(tau="direct"), dict(tau="fft"), dict(tau=2), dict(tau={1: "fft", 2: "direct", 4: "fft",
     8: "direct", 16: "fft", 32: "direct", 64: "fft"}), dict(tau=1, layer_parallel=False),

@@ -12,7 +12,9 @@ With a `sharding` (a device mesh), the tables and states are pinned to their lay
 on the data axis, channels on the model axis), and a channel-local strategy's `init`, `pending`
 and `update` run on each device's shards (`decoding.sharding.local`); the model's prefill and
 step run under jit as XLA partitions them (the step traced inside `cpu_kernels.disabled()`: XLA
-splits its dots over the mesh, while it would gather the operands of a CPU custom call).
+splits its dots over the mesh, while it would gather the operands of a CPU custom call). The
+per-shard functions use the CPU kernels again (e.g. modal's `cpu_kernels.modal_step`): their
+operands are one device's shards.
 """
 
 from __future__ import annotations

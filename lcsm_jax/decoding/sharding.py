@@ -25,6 +25,7 @@ from typing import Any, Callable
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+import cpu_kernels
 from lcsm_jax.models.interface import BATCH, CHANNELS
 
 Array = jax.Array
@@ -178,13 +179,17 @@ def local(sharding: Sharding | None, fn: Callable, in_layouts: tuple, out_layout
   if sharding is None:
     return fn
 
+  def on_shards(*args):
+    with cpu_kernels.on_local_shards():  # one device's shards: a custom call is not split
+      return fn(*args)
+
   def run(*args):
     in_specs = tuple(jax.tree.map(lambda spec, x: sharding.spec(_fit(spec, x)), _full(l, a), a,
                                   is_leaf=is_spec) for l, a in zip(in_layouts, args))
     out_shape = jax.eval_shape(fn, *args)
     out_specs = jax.tree.map(lambda spec, x: sharding.spec(_fit(spec, x)),
                              _full(out_layout, out_shape), out_shape, is_leaf=is_spec)
-    mapped = jax.shard_map(fn, mesh=sharding.mesh, in_specs=in_specs, out_specs=out_specs,
+    mapped = jax.shard_map(on_shards, mesh=sharding.mesh, in_specs=in_specs, out_specs=out_specs,
                            check_vma=False)
     return mapped(*args)
 

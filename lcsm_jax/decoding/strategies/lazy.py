@@ -1,9 +1,11 @@
 """'lazy': each pending output is a dot product of the filter with all earlier inputs, O(t) per
-position, reading only [0, t) of the stored history in chunks.
+position, reading the stored inputs in chunks.
 
 Its tables are the model's filters as they are, read backwards window by window (no reversed
-copy), and they are also the prefill's filters: at 2^20 positions of an 8 x 256 model the taps
-and the history are 8 GiB each, and a second copy of either does not fit in 24 GiB."""
+copy), and they are also the prefill's filters. The state keeps the prompt's inputs as the
+prefill made them and the online inputs in a buffer of their own: at 2^20 positions of an
+8 x 256 model the taps and the inputs are 8 GiB each, and a second copy of either (a reversed
+table, or the prompt's inputs copied into a longer buffer) does not fit in 24 GiB."""
 
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ class LazyTables(NamedTuple):
 
 
 class LazyState(NamedTuple):
-  history: Array  # (chunk + prompt and steps rounded up to a multiple of the chunk, S, B, D):
-                  # `chunk` zero rows, then position s at row chunk + s
-  offset: Array   # () P, the absolute position of online position 0
+  prompt: Array  # (P, S, B, D): the prompt's inputs, as the prefill made them
+  online: Array  # (chunk + the steps rounded up to a multiple of the chunk, S, B, D): `chunk`
+                 # zero rows, then online position r at row chunk + r
 
 
 def sum_rows(x: Array) -> Array:
@@ -67,50 +69,76 @@ class Lazy(base.MixingStrategy):
     return LazyTables(sharding.TAPS)
 
   def state_layout(self, state: LazyState) -> LazyState:
-    return LazyState(sharding.TIME_MAJOR, sharding.REPLICATED)
+    return LazyState(sharding.TIME_MAJOR, sharding.TIME_MAJOR)
 
   def prefill_taps(self, tables: LazyTables, length: int) -> Array:
-    # the model's filters as prepare received them: the model's own parameters for them can go
-    return tables.taps[:length]
-
-  def chunk_for(self, taps: int) -> int:
-    """The chunk used with `taps` filter rows: `chunk`, or the largest power of two <= taps
-    if fewer (a window of taps must fit in the table)."""
-    return min(self.chunk, 1 << (taps.bit_length() - 1))
+    # the model's filters as prepare received them: the model's own parameters for them can go.
+    # All of them: models read the first `length` (a slice here would be a copy of them)
+    return tables.taps
 
   def init(self, tables: LazyTables, prompt: Array, prefill: Prefill,
            num_steps: int) -> LazyState:
-    length, streams, batch, width = prefill.conv_inputs.shape
-    chunk = self.chunk_for(tables.taps.shape[0])
-    padded = -(-(length + num_steps) // chunk) * chunk
-    history = jnp.zeros((chunk + padded, streams, batch, width), jnp.float32)
-    history = lax.dynamic_update_slice_in_dim(
-        history, prefill.conv_inputs.astype(jnp.float32), chunk, 0)
-    return LazyState(history, jnp.asarray(length, jnp.int32))
+    inputs = prefill.conv_inputs.astype(jnp.float32)
+    chunk = chunk_for(self.chunk, tables.taps.shape[0])
+    rows = chunk + -(-num_steps // chunk) * chunk
+    return LazyState(inputs, jnp.zeros((rows,) + inputs.shape[1:], jnp.float32))
 
   def pending(self, tables: LazyTables, state: LazyState, r) -> Array:
-    """sum_{s < t} taps[t - s] x[s], t = P + r, by chunks of history rows [cC, cC + C) and the
-    taps window [t - cC - C + 1, t - cC] read backwards. The last chunk's window would start
-    before tap 0: it is moved down by e rows, to start at tap 0, with the history window
-    (the chunk zero rows in front keep it in range), and its first e rows, counted by the
-    previous chunk, are masked."""
-    chunk = self.chunk_for(tables.taps.shape[0])
-    t = state.offset + r
-    rows = lax.broadcasted_iota(jnp.int32, (chunk, 1, 1, 1), 0)
-
-    def add_chunk(c, acc):
-      start = c * chunk
-      shift = jnp.maximum(0, start + chunk - 1 - t)
-      a = lax.dynamic_slice_in_dim(state.history, chunk + start - shift, chunk, axis=0)
-      rho = lax.dynamic_slice_in_dim(tables.taps, t - start + shift - chunk + 1, chunk, 0)
-      a = jnp.where(rows >= shift, a, 0.0)
-      return acc + sum_rows(a * rho[::-1, :, None, :])
-
-    zeros = jnp.zeros(state.history.shape[1:], jnp.float32)
-    return lax.fori_loop(0, (t + chunk - 1) // chunk, add_chunk, zeros)
+    """sum_{s < t} taps[t - s] x[s] at t = P + r: the prompt's part and the online part."""
+    length = state.prompt.shape[0]
+    total = online_sum(tables.taps, state.online, r, chunk_for(self.chunk, tables.taps.shape[0]))
+    if length:
+      total = total + prompt_sum(tables.taps, state.prompt, length + r,
+                                 chunk_for(self.chunk, min(length, tables.taps.shape[0])))
+    return total
 
   def update(self, tables: LazyTables, state: LazyState, r, inputs: Array,
              num_steps: int) -> LazyState:
-    chunk = self.chunk_for(tables.taps.shape[0])
-    return state._replace(history=base.write_row(state.history, chunk + state.offset + r,
-                                                 inputs))
+    chunk = chunk_for(self.chunk, tables.taps.shape[0])
+    return state._replace(online=base.write_row(state.online, chunk + r, inputs))
+
+
+def chunk_for(chunk: int, rows: int) -> int:
+  """`chunk`, or the largest power of two <= rows if fewer (a window must fit in `rows`)."""
+  return min(chunk, 1 << (rows.bit_length() - 1))
+
+
+def _window_sum(taps: Array, inputs: Array, first_row, taps_end, skip, chunk: int) -> Array:
+  """sum_j taps[taps_end - j] inputs[first_row + j] over the rows j in [skip, chunk) of one
+  window (rows j < skip, counted by the previous window, masked)."""
+  a = lax.dynamic_slice_in_dim(inputs, first_row, chunk, axis=0)
+  rho = lax.dynamic_slice_in_dim(taps, taps_end - chunk + 1, chunk, axis=0)
+  rows = lax.broadcasted_iota(jnp.int32, (chunk,) + (1,) * (a.ndim - 1), 0)
+  return sum_rows(jnp.where(rows >= skip, a, 0.0) * rho[::-1, :, None, :])
+
+
+def prompt_sum(taps: Array, prompt: Array, t, chunk: int) -> Array:
+  """sum_{s < P} taps[t - s] prompt[s] (t >= P), by windows of the prompt's rows [cC, cC + C);
+  the last, past the prompt's end when C does not divide P, is moved back to end at P."""
+  length = prompt.shape[0]
+
+  def add_chunk(c, acc):
+    start = c * chunk
+    shift = jnp.maximum(0, start + chunk - length)
+    first = start - shift
+    return acc + _window_sum(taps, prompt, first, t - first, shift, chunk)
+
+  zeros = jnp.zeros(prompt.shape[1:], jnp.float32)
+  return lax.fori_loop(0, -(-length // chunk), add_chunk, zeros)
+
+
+def online_sum(taps: Array, online: Array, r, chunk: int) -> Array:
+  """sum_{j < r} taps[r - j] y[j] for the online inputs y (row chunk + j of `online`), by
+  windows of rows [cC, cC + C) and the taps [r - cC - C + 1, r - cC] read backwards. The last
+  window would start before tap 0: it is moved down by e rows, to start at tap 0, with the
+  rows' window (the `chunk` zero rows in front keep it in range), and its first e rows,
+  counted by the previous window, are masked."""
+
+  def add_chunk(c, acc):
+    start = c * chunk
+    shift = jnp.maximum(0, start + chunk - 1 - r)
+    return acc + _window_sum(taps, online, chunk + start - shift, r - start + shift, shift,
+                             chunk)
+
+  zeros = jnp.zeros(online.shape[1:], jnp.float32)
+  return lax.fori_loop(0, (r + chunk - 1) // chunk, add_chunk, zeros)
