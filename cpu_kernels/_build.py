@@ -10,12 +10,14 @@ workers, several processes) never load a half-written file.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import pathlib
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 
@@ -97,3 +99,43 @@ def build(source: pathlib.Path) -> pathlib.Path:
     if os.path.exists(tmp):
       os.unlink(tmp)
   return target
+
+
+class Kernel:
+  """One C++ FFI source of this package, built, loaded and registered as the CPU target
+  `target` (its exported `symbol`) on first use, once per process; the outcome is kept in
+  `state` ("ok", "reason" why not, "lib", "path")."""
+
+  def __init__(self, source: pathlib.Path, target: str, symbol: str):
+    self.source, self.target, self.symbol = source, target, symbol
+    self.state: dict = {}
+    self._lock = threading.Lock()
+
+  def register(self) -> None:
+    with self._lock:
+      if "ok" in self.state:
+        return
+      try:
+        path = build(self.source)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(self.target, jax.ffi.pycapsule(getattr(lib, self.symbol)),
+                                    platform="cpu")
+      except Exception as e:  # pylint: disable=broad-except
+        self.state.update(ok=False, reason=f"{type(e).__name__}: {e}")
+      else:
+        self.state.update(ok=True, reason="", lib=lib, path=path)
+
+  def available(self) -> bool:
+    """Whether the kernel is built and registered (builds it on the first call)."""
+    self.register()
+    return self.state["ok"]
+
+  def unavailable_reason(self) -> str:
+    """Why `available()` is False ('' when it is True)."""
+    self.register()
+    return self.state["reason"]
+
+  def library_path(self) -> pathlib.Path | None:
+    """The loaded shared library (None when unavailable)."""
+    self.register()
+    return self.state.get("path")

@@ -26,9 +26,7 @@ partitioner does not split it: on a device mesh, sharded operands are gathered f
 
 from __future__ import annotations
 
-import ctypes
 import pathlib
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -43,42 +41,22 @@ TARGET = "lcsm_bf16_matmul"
 SYMBOL = "LcsmBf16Matmul"
 SOURCE = pathlib.Path(__file__).with_name("bf16_matmul.cc")
 
-_lock = threading.Lock()
-_state: dict = {}  # "ok": bool once tried; "reason": why not; "lib": the loaded library
-
-
-def _register() -> None:
-  """Builds, loads and registers the kernel once per process (the outcome is cached)."""
-  with _lock:
-    if "ok" in _state:
-      return
-    try:
-      path = _build.build(SOURCE)
-      lib = ctypes.cdll.LoadLibrary(str(path))
-      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
-                                  platform="cpu")
-    except Exception as e:  # pylint: disable=broad-except
-      _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
-    else:
-      _state.update(ok=True, reason="", lib=lib, path=path)
+KERNEL = _build.Kernel(SOURCE, TARGET, SYMBOL)
 
 
 def available() -> bool:
   """Whether the CPU kernel is built and registered (builds it on the first call)."""
-  _register()
-  return _state["ok"]
+  return KERNEL.available()
 
 
 def unavailable_reason() -> str:
   """Why `available()` is False ('' when it is True)."""
-  _register()
-  return _state["reason"]
+  return KERNEL.unavailable_reason()
 
 
 def library_path() -> pathlib.Path | None:
   """The loaded shared library (None when unavailable)."""
-  _register()
-  return _state.get("path")
+  return KERNEL.library_path()
 
 
 def _ffi_rows(x: Array, w: Array) -> Array:

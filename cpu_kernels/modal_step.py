@@ -31,9 +31,7 @@ operands vary over).
 
 from __future__ import annotations
 
-import ctypes
 import pathlib
-import threading
 import warnings
 
 import jax
@@ -50,43 +48,23 @@ TARGET = "lcsm_modal_step"
 SYMBOL = "LcsmModalStep"
 SOURCE = pathlib.Path(__file__).with_name("modal_step.cc")
 
-_lock = threading.Lock()
-_state: dict = {}  # "ok": bool once tried; "reason": why not; "lib": the loaded library
+KERNEL = _build.Kernel(SOURCE, TARGET, SYMBOL)
 _warned: list = []  # non-empty once the unavailable kernel was warned about
-
-
-def _register() -> None:
-  """Builds, loads and registers the kernel once per process (the outcome is cached)."""
-  with _lock:
-    if "ok" in _state:
-      return
-    try:
-      path = _build.build(SOURCE)
-      lib = ctypes.cdll.LoadLibrary(str(path))
-      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)),
-                                  platform="cpu")
-    except Exception as e:  # pylint: disable=broad-except
-      _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
-    else:
-      _state.update(ok=True, reason="", lib=lib, path=path)
 
 
 def available() -> bool:
   """Whether the CPU kernel is built and registered (builds it on the first call)."""
-  _register()
-  return _state["ok"]
+  return KERNEL.available()
 
 
 def unavailable_reason() -> str:
   """Why `available()` is False ('' when it is True)."""
-  _register()
-  return _state["reason"]
+  return KERNEL.unavailable_reason()
 
 
 def library_path() -> pathlib.Path | None:
   """The loaded shared library (None when unavailable)."""
-  _register()
-  return _state.get("path")
+  return KERNEL.library_path()
 
 
 def _use_kernel() -> bool:

@@ -186,7 +186,7 @@ def test_switch_nests():
 
 
 def test_unavailable_kernel_raises_with_the_reason(monkeypatch):
-  monkeypatch.setattr(matmul_lib, "_state", {"ok": False, "reason": "BuildError: no compiler"})
+  monkeypatch.setattr(matmul_lib.KERNEL, "state", {"ok": False, "reason": "BuildError: no compiler"})
   assert not cpu_kernels.available()
   with pytest.raises(RuntimeError, match="CPU kernel is unavailable: BuildError: no compiler"):
     cpu_kernels.bf16_matmul(jnp.ones((1, 4)), jnp.ones((4, 2), jnp.bfloat16))

@@ -245,7 +245,7 @@ def test_disabled_is_the_reference():
 
 
 def test_unavailable_kernel_falls_back_with_a_warning(monkeypatch):
-  monkeypatch.setattr(step_lib, "_state", {"ok": False, "reason": "BuildError: no compiler"})
+  monkeypatch.setattr(step_lib.KERNEL, "state", {"ok": False, "reason": "BuildError: no compiler"})
   monkeypatch.setattr(step_lib, "_warned", [])
   assert not step_lib.available()
   assert step_lib.unavailable_reason() == "BuildError: no compiler"
