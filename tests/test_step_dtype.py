@@ -238,7 +238,7 @@ def test_without_the_cpu_kernel_conversions_stay_out_of_the_loop(params, monkeyp
   import cpu_kernels
   from lcsm_jax.models.hyena import modules
   matmul_lib = importlib.import_module("cpu_kernels.bf16_matmul")
-  monkeypatch.setattr(matmul_lib, "_state", {"ok": False, "reason": "BuildError: faked"})
+  monkeypatch.setattr(matmul_lib.KERNEL, "state", {"ok": False, "reason": "BuildError: faked"})
   monkeypatch.setattr(modules, "_warned_unavailable", False)
   assert not cpu_kernels.available()
   with pytest.warns(RuntimeWarning, match=r"bfloat16 step weights are read as float32 on this "
