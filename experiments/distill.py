@@ -78,6 +78,7 @@ from experiments.lib import store as store_lib
 from experiments.lib import workloads
 from lcsm_jax.decoding import Decoder, Engine, EngineOptions, Rollout
 from lcsm_jax.decoding import memory as memory_lib
+from lcsm_jax.decoding import strategies as strategies_lib
 from lcsm_jax.decoding.strategies.base import MixingStrategy
 from lcsm_jax.distillation import hankel as hankel_lib
 from lcsm_jax.distillation.modal import ModalFilters
@@ -693,9 +694,10 @@ def run_speed(store, kind: str, layers: int, width: int, inner: int, lengths, st
         else:
           work = base_work.replace(max_length=length)
           # the stack's parameters are its taps: made for the session alone, which releases
-          # them once flash's or lazy's tables hold them (at 2^20, 8 GiB that would not fit
-          # beside them)
-          params = (work.params if work.kind == "stack" and strategy in ("flash", "lazy")
+          # them once the tables of a strategy that `supplies_filters` (flash, lazy) hold
+          # them (at 2^20, 8 GiB that would not fit beside them)
+          supplies = strategies_lib.strategy_class(strategy).supplies_filters
+          params = (work.params if work.kind == "stack" and supplies
                     else workloads.cached_params(work))
           options = (EngineOptions(tau=tau, base=base) if strategy == "flash"
                      else EngineOptions())
