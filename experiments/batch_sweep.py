@@ -146,11 +146,11 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
           work = work.replace(distilled=distilled)
 
         def measure(work=work, strategy=strategy):
-          load = machine_load()
+          load = machine.load_average()
           entry = sampling_lib.measure_strategy(work, params, strategy, f.length, options,
                                                 f.repeats, sampling)
           entry["load_average"] = load
-          entry["load_average_after"] = machine_load()
+          entry["load_average_after"] = machine.load_average()
           return entry
 
         entry = store_lib.point(store, key, measure)
@@ -169,12 +169,6 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   plot(points, png_path, f"LM {f.width}/{f.layers}/{f.inner_width}, L = {f.length}, "
        f"{machine.machine()['cpu_model']}")
   logging.info("wrote %s, %s, %s", json_path, csv_path, png_path)
-
-
-def machine_load() -> list[float]:
-  """The 1, 5 and 15 minute load averages (the machine is shared)."""
-  import os  # pylint: disable=g-import-not-at-top
-  return [round(x, 2) for x in os.getloadavg()]
 
 
 if __name__ == "__main__":

@@ -42,6 +42,11 @@ def available_memory_bytes() -> int | None:
   return memory_lib.available_bytes()[0]
 
 
+def load_average() -> list[float]:
+  """The 1, 5 and 15 minute load averages (the machine is shared), rounded to 0.01."""
+  return [round(x, 2) for x in os.getloadavg()]
+
+
 def max_rss_bytes() -> int:
   """Peak resident memory of this process so far (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
