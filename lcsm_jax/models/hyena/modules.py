@@ -137,6 +137,14 @@ def gated_convolutions(gates: Sequence[Array], v: Array,
   return v * gates[0], inputs
 
 
+def long_convolve(conv: Callable[[Array, Array], Array], a: Array, h: Array, skip: Array,
+                  dtype: DType) -> Array:
+  """One long convolution with its skip term: conv(a, h) + a skip, a (B, L, D), h (>= L, D),
+  skip (D,), in h's dtype, returned in `dtype`."""
+  y = conv(a, h) + a.astype(h.dtype) * skip
+  return y.astype(dtype)
+
+
 def step_dense(dense: nn.Module, params: Any, x: Array) -> Array:
   """`dense(x)` for the one-position step, `x` (B, in) -> (B, out), with the kernel
   `params['kernel']` (in, out) in the dtype it is stored in.
@@ -230,19 +238,27 @@ class HyenaOperator(nn.Module):
     length = u.shape[1]
     if length > self.config.l_max:
       raise ValueError(f"sequence length {length} exceeds the model's l_max = {self.config.l_max}.")
-    z, history = self.short_conv(self.in_proj(u))
-    gates, v = self._split(z)
+    gates, v, history = self.project(u)
     h, skip = self.filters(length)
     if taps is not None:
       h = taps[:length].astype(h.dtype)
     conv = convolution.long_convolution(self.long_conv)
-
-    def convolve(o, a):
-      y = conv(a, h[:, o]) + a.astype(h.dtype) * skip[o]
-      return y.astype(self.dtype)
-
+    convolve = lambda o, a: long_convolve(conv, a, h[:, o], skip[o], self.dtype)
     y, inputs = gated_convolutions(gates, v, convolve)
     return self.out_proj(y), MixerCache(jnp.stack(inputs), history)
+
+  def project(self, u: Array, history: Array | None = None
+              ) -> tuple[list[Array], Array, Array]:
+    """In-projection and short convolution of `u` (B, L, D), positions that continue
+    `history` (B, K - 1, (N + 1) D; None: the start): the N gates and v, each (B, L, D), and
+    the new history."""
+    z, history = self.short_conv(self.in_proj(u), history)
+    gates, v = self._split(z)
+    return gates, v, history
+
+  def output(self, y: Array) -> Array:
+    """The out-projection of the gated convolutions' output y (B, L, D)."""
+    return self.out_proj(y)
 
   def step(self, u: Array, pending: Array, history: Array, diagonal: Array
            ) -> tuple[Array, Array, Array]:
@@ -330,9 +346,24 @@ class HyenaBlock(nn.Module):
     """x: residual stream (B, L, D); taps: as in `HyenaOperator.__call__`. Returns the new
     stream and, if collected, the cache."""
     y, cache = self.mixer(self.norm1(x), taps)
+    return self.finish(x, y), (cache if self.collect_cache else None)
+
+  def project(self, x: Array, history: Array | None = None
+              ) -> tuple[list[Array], Array, Array]:
+    """The mixer's gates, v and short-convolution history for the residual stream x (B, L, D)
+    (`HyenaOperator.project` of norm1(x)): the part of `__call__` before the long
+    convolutions, for a run of positions."""
+    return self.mixer.project(self.norm1(x), history)
+
+  def finish(self, x: Array, y: Array) -> Array:
+    """The residual stream after the mixer's output y (B, L, D): x + y, then the MLP's
+    residual; pointwise in the positions."""
     x = self._residual(x + y)
-    x = self._residual(x + self.mlp(self.norm2(x)))
-    return x, (cache if self.collect_cache else None)
+    return self._residual(x + self.mlp(self.norm2(x)))
+
+  def output(self, y: Array) -> Array:
+    """`HyenaOperator.output`: the out-projection of the gated convolutions' output."""
+    return self.mixer.output(y)
 
   def step(self, x: Array, pending: Array, history: Array, diagonal: Array
            ) -> tuple[Array, Array, Array]:

@@ -30,6 +30,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from lcsm_jax import validation
+from lcsm_jax.models.hyena import chunked_prefill
 from lcsm_jax.models.hyena import params as params_lib
 from lcsm_jax.models.hyena.config import HyenaConfig
 from lcsm_jax.models.hyena.model import HyenaLM
@@ -39,6 +40,9 @@ from lcsm_jax.models.interface import BATCH, CHANNELS, Prefill
 Array = jax.Array
 Params = Any
 
+
+# Prompts longer than this are prefilled in runs of this many positions (HyenaOnline.prefill_chunk).
+PREFILL_CHUNK = 16384
 
 # The dense layers whose kernels `step_weights` applies to: (module, submodule) in a block.
 STEP_KERNELS = (("mixer", "in_proj"), ("mixer", "out_proj"), ("mlp", "fc1"), ("mlp", "fc2"))
@@ -74,13 +78,22 @@ class HyenaOnline:
       which the step reads the dense kernels (see the module docstring). With 'bfloat16' the
       model run is the one with those kernels rounded to bfloat16 (`model_params`), in the
       step, the prefill and the parallel forward alike.
+    prefill_chunk: prompts longer than this many positions are prefilled in runs of this many
+      positions (`chunked_prefill.prefill_in_chunks`: the pointwise parts of each layer a run
+      at a time, the long convolutions over the whole prompt), which holds a few d_model-wide
+      arrays per layer instead of all of them; None: always the parallel forward.
   """
 
   config: HyenaConfig
   step_weights: str = "float32"
+  prefill_chunk: int | None = PREFILL_CHUNK
 
   def __post_init__(self):
     object.__setattr__(self, "step_weights", validation.check_step_weights(self.step_weights))
+    chunk = self.prefill_chunk
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                              or chunk < 1):
+      raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {chunk!r}.")
 
   def model_params(self, params: Params) -> Params:
     """The parameters of the model this adapter runs: `params` itself for float32 step
@@ -182,6 +195,9 @@ class HyenaOnline:
               conv=None) -> Prefill:
     """prompt (B, P) -> logits (B, P, V), prompt inputs (P, S, B, D), short-conv windows."""
     cfg = self.config
+    if self.prefill_chunk is not None and prompt.shape[1] > self.prefill_chunk:
+      return chunked_prefill.prefill_in_chunks(cfg, self.model_params(params), prompt,
+                                               self.prefill_chunk, taps, conv)
     logits, cache = self._lm(conv).apply(self.model_params(params), prompt,
                                          collect_cache=True, taps=taps)
     inputs = cache.conv_inputs  # (layers, N - 1, B, P, D)
