@@ -1,7 +1,8 @@
 """The prompt's contribution to every later position of the long convolutions.
 
 A prompt of P positions is processed by one parallel forward; what its long-convolution inputs
-contribute to each online position r (absolute P + r) is added by one FFT per stream, or, for
+contribute to each online position r (absolute P + r) is added by one FFT per stream (a
+channel group at a time where the spectra are large), or, for
 prompts of at most DIRECT_PROMPT_MAX positions, by P shifted products (cheaper than transforms
 of size P + M).
 """
@@ -36,10 +37,29 @@ def prompt_contribution(prompt_inputs: Array, taps: Array, num_steps: int) -> Ar
     return prompt_products(prompt_inputs, taps, 0, num_steps)
   total = length + num_steps
   n = convolution.fft_length(total)
-  x = jnp.fft.rfft(jnp.moveaxis(prompt_inputs.astype(jnp.float32), 0, -1), n=n)  # (S, B, D, F)
-  h = jnp.fft.rfft(jnp.moveaxis(taps[:total].astype(jnp.float32), 0, -1), n=n)   # (S, D, F)
-  y = jnp.fft.irfft(x * h[:, None], n=n)[..., length:total]
-  return jnp.moveaxis(y, -1, 0)
+  inputs = prompt_inputs.astype(jnp.float32)
+  taps = taps[:total]
+
+  def contribution(x, h):  # x (P, S, B, D'), h (total, S, D') -> (M, S, B, D')
+    x_f = jnp.fft.rfft(x, n=n, axis=0)
+    h_f = jnp.fft.rfft(h.astype(jnp.float32), n=n, axis=0)
+    return jnp.fft.irfft(x_f * h_f[:, :, None], n=n, axis=0)[length:total]
+
+  # channel groups as in `convolution.causal_conv_fft`: at P + M = 2^20 and 2048 channels, one
+  # spectrum of every channel is 8 GiB, and the transform of all of them at once held ~33 GiB
+  spectrum_bytes = (n // 2 + 1) * streams * (batch + 1) * width * 8
+  groups = convolution.channel_groups(width, spectrum_bytes)
+  if groups == 1:
+    return contribution(inputs, taps)
+  part = width // groups
+
+  def add_group(g, out):
+    x = lax.dynamic_slice_in_dim(inputs, g * part, part, axis=-1)
+    h = lax.dynamic_slice_in_dim(taps, g * part, part, axis=-1)
+    return lax.dynamic_update_slice_in_dim(out, contribution(x, h), g * part, axis=-1)
+
+  return lax.fori_loop(0, groups, add_group,
+                       jnp.zeros((num_steps, streams, batch, width), jnp.float32))
 
 
 def prompt_products(prompt_inputs: Array, taps: Array, start, rows: int) -> Array:
