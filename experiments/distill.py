@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import pathlib
 import time
@@ -710,13 +711,42 @@ def run_speed(store, kind: str, layers: int, width: int, inner: int, lengths, st
         return entry
 
       entry = store.run(store_lib.key_of(**config), measure)
-      rows.append({"model": kind, "strategy": strategy, "length": length,
-                   "per_token_seconds": entry["per_token_seconds"],
-                   "total_seconds": entry["total_seconds"], "method": entry["method"],
-                   "compile_seconds": entry["compile_seconds"],
-                   "state_bytes": entry["state_bytes"],
-                   "state_bytes_per_token": entry["state_bytes"] / length})
+      rows.append(speed_row(kind, strategy, length, entry))
   return rows
+
+
+def speed_row(kind: str, strategy: str, length: int, entry: dict[str, Any]) -> dict[str, Any]:
+  """One row of the speed summary (and CSV) from a stored part-e point."""
+  return {"model": kind, "strategy": strategy, "length": length,
+          "per_token_seconds": entry["per_token_seconds"],
+          "total_seconds": entry["total_seconds"], "method": entry["method"],
+          "compile_seconds": entry["compile_seconds"], "state_bytes": entry["state_bytes"],
+          "state_bytes_per_token": entry["state_bytes"] / length}
+
+
+def stored_speed_rows(store, workloads_by_kind: dict[str, workloads.Workload], order: int,
+                      measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The speed summary's rows: every part-e point in the store for these workloads (modal at
+  `order`), one per (model, strategy, length), the one stored last where several are (other
+  repeats or sampling), and the rows `measured` in this run over any of them; sorted. So a run
+  at a few lengths updates the summary instead of replacing it."""
+  best: dict[tuple, dict[str, Any]] = {}
+  for key, entry in store.points.items():
+    config = json.loads(key)
+    work = workloads_by_kind.get(config.get("model"))
+    if config.get("part") != "e" or work is None or "per_token_seconds" not in entry:
+      continue
+    strategy = config["strategy"]
+    described = work.describe()
+    same = all(config.get(k) == v for k, v in described.items() if k != "order")
+    if not same or config.get("order") != (order if strategy == "modal"
+                                           else described.get("order")):
+      continue
+    best[(config["model"], strategy, config["length"])] = speed_row(
+        config["model"], strategy, config["length"], entry)
+  for row in measured:
+    best[(row["model"], row["strategy"], row["length"])] = row
+  return [best[k] for k in sorted(best)]
 
 
 def speed_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -932,15 +962,17 @@ def run_distill(f) -> dict[str, Any]:
     else:
       sampling = sampling_lib.Sampling(lazy_above=f.lazy_full_max, positions=f.sample_positions,
                                        steps=f.sample_steps)
-      rows = []
+      rows, kinds = [], {}
       for kind, layers, width, lengths in (
           ("stack", f.stack_layers, f.stack_width, f.stack_lengths),
           ("lm", f.lm_layers, f.lm_width, f.lm_lengths)):
+        kinds[kind] = speed_workload(kind, layers, width, f.lm_inner, SPEED_FILTER_LENGTH)
         rows += run_speed(store, kind, layers, width, f.lm_inner, [int(n) for n in lengths],
                           f.speed_strategies, f.speed_order, f.repeats, tau,
                           f.flash_max_length, f.lazy_max_length, f.lazy_full_max, sampling,
                           LongRuns(f.long_length, f.long_repeats, f.long_flash_base,
                                    f.flash_base))
+      rows = stored_speed_rows(store, kinds, f.speed_order, rows)
       store_lib.write_csv(store.path.with_name(f"{store.path.stem}_speed.csv"), rows)
       plot_speed(rows, figure_path(store.path, "speed"))
       store.set("speed", {"rows": rows, "targets": speed_targets(rows),

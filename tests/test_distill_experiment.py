@@ -174,3 +174,35 @@ def test_language_model_bare_step_is_modal_with_zero_residues():
   ids = work.inputs(32)
   expected, _ = decoder.score(decoder.prefill(ids[:, :1]), ids[:, 1:])
   np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_speed_summary_keeps_every_stored_point():
+  """Part e's summary rows come from every stored point of the workloads (the last stored per
+  (model, strategy, length)), with this run's rows over them: a run at a few lengths updates
+  the summary instead of replacing it."""
+  import types  # pylint: disable=g-import-not-at-top
+  from experiments import distill  # pylint: disable=g-import-not-at-top
+  from experiments.lib import store as store_lib  # pylint: disable=g-import-not-at-top
+
+  stack = distill.speed_workload("stack", 2, 4, 8, 16)
+  lm = distill.speed_workload("lm", 2, 4, 8, 16)
+  entry = lambda us: {"per_token_seconds": us * 1e-6, "total_seconds": 1.0, "method": "full",
+                      "compile_seconds": 0.1, "state_bytes": 64}
+  point = lambda work, **config: store_lib.key_of(**dict(work.describe(), part="e", **config))
+  points = {
+      point(stack, strategy="flash", length=64, repeats=3): entry(10),
+      point(stack, strategy="flash", length=64, repeats=1): entry(11),   # stored last: kept
+      point(stack, strategy="modal", length=64, repeats=3, order=4): entry(2),
+      point(stack, strategy="modal", length=64, repeats=3, order=8): entry(3),  # other order
+      point(lm, strategy="bare", length=128, repeats=3): entry(50),
+      point(lm.replace(width=8), strategy="bare", length=128, repeats=3): entry(99),
+      store_lib.key_of(part="b", order=4): {"tap_error": 0.1},
+  }
+  measured = [distill.speed_row("lm", "bare", 128, entry(40))]
+  rows = distill.stored_speed_rows(types.SimpleNamespace(points=points),
+                                   {"stack": stack, "lm": lm}, 4, measured)
+  got = {(r["model"], r["strategy"], r["length"]): r["per_token_seconds"] * 1e6 for r in rows}
+  assert got == pytest.approx({("lm", "bare", 128): 40, ("stack", "flash", 64): 11,
+                               ("stack", "modal", 64): 2})
+  assert [(r["model"], r["strategy"]) for r in rows] == sorted(
+      (r["model"], r["strategy"]) for r in rows)

@@ -2,8 +2,9 @@
 
 The parallel forward (`HyenaLM.__call__`) holds every activation of a layer at once: at
 P = 2^20 positions and d_model 256 that is several GiB per d_model-wide array (the
-in-projection's (order + 1) D outputs, the MLP's d_inner hidden units), and XLA estimated
-34 GiB for the prefill of `large-1m`. Only the long convolutions need the whole length; every
+in-projection's (order + 1) D outputs, the MLP's d_inner hidden units): XLA estimated 26.4
+GiB for lazy's prefill of 2^20 - 64 positions of the 256/8/1024 model (12.5 GiB in runs, 8
+of it the state). Only the long convolutions need the whole length; every
 other part of a block is pointwise in the positions, or (the short convolution) looks K - 1
 positions back. `prefill_in_chunks` therefore runs each layer as
 
@@ -20,8 +21,8 @@ positions back. `prefill_in_chunks` therefore runs each layer as
 and the head `chunk` positions at a time. The layers run in a `fori_loop` (one traced), so
 per layer it holds the residual stream, order - 2 gates and one convolution's input and
 output: about (order + 1) x B x P x D floats beside the state, the logits and the long
-convolution's channel groups. Results equal
-the parallel forward's to float32 rounding (the same operations on fewer rows at a time).
+convolution's channel groups. Results equal the parallel forward's to float32 rounding (the
+same operations on fewer rows at a time).
 """
 
 from __future__ import annotations
