@@ -185,8 +185,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   configs = parse_configs(f)
   json_path, csv_path, png_path = plots.output_paths(f.out)
-  work = workloads.Workload(f.model, f.layers, f.width, f.batch, f.inner_width, f.order,
-                            f.length)
+  work = flags_lib.workload_from_flags(f, f.length)
   params = workloads.cached_params(work)
   options = EngineOptions(tau=flags_lib.tau(f))
   programs, compile_seconds = {}, {}
