@@ -124,3 +124,23 @@ def test_bad_chunk(chunk):
   if not isinstance(chunk, bool):
     with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
       prefill_in_chunks(config, {}, jnp.zeros((1, 3), jnp.int32), chunk)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_prefill_memory_does_not_grow_with_the_taps(chunk):
+  """Strategies hand the prefill all of their taps (a slice would be a copy); the prefill
+  must read only the prompt's first rows (it once made a layer-major copy of all of them: 24
+  GiB for lazy's prefill of 4096 positions with 2^20 taps)."""
+  config = HyenaConfig(vocab_size=12, d_model=8, n_layer=2, d_inner=16, l_max=8192,
+                       filter_order=8, emb_dim=3)
+  params = init_params(config, jax.random.key(0))
+  ids = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+
+  def temp_bytes(rows):
+    taps = jax.ShapeDtypeStruct((rows, config.num_streams, config.d_model), jnp.float32)
+    fn = jax.jit(lambda p, x, t: HyenaOnline(config, prefill_chunk=chunk).prefill(p, x, t))
+    return fn.lower(params, ids, taps).compile().memory_analysis().temp_size_in_bytes
+
+  short, long = temp_bytes(16), temp_bytes(8192)
+  taps_bytes = 8192 * config.num_streams * config.d_model * 4
+  assert long - short < taps_bytes / 8, (short, long)

@@ -181,8 +181,9 @@ class Flash(base.MixingStrategy):
     return FlashTables(taps, spectra, reversed_spectra, self._direct_taps_table(taps))
 
   def prefill_taps(self, tables: FlashTables, length: int) -> Array:
-    # the model's filters as prepare received them: the model's own parameters for them can go
-    return tables.taps[:length]
+    # the model's filters as prepare received them: the model's own parameters for them can go.
+    # All of them: models read the first `length` (a slice here was a copy: 8 GiB at 2^20)
+    return tables.taps
 
   def _direct_taps_table(self, taps: Array) -> Array:
     """The first H taps, channel-major, after H zeros: (S, D, 2H), H the largest window

@@ -84,6 +84,7 @@ class HyenaLM(nn.Module):
     """
     if taps is not None:
       cfg = self.config
+      taps = taps[:input_ids.shape[-1]]  # before the layer-major copy: taps may be far longer
       taps = jnp.moveaxis(taps.reshape(taps.shape[0], cfg.n_layer, cfg.num_convolutions,
                                        cfg.d_model), 1, 0)
     x, cache = self.stack(self.embed(input_ids), collect_cache, taps)
