@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from typing import Any
 
 from absl import app
@@ -44,6 +43,7 @@ from experiments.lib import store as store_lib
 from experiments.lib import workloads
 from lcsm_jax.decoding import EngineOptions
 from lcsm_jax.decoding import strategies as strategies_lib
+from lcsm_jax.tuning.timing import median_seconds
 
 STEP_WEIGHTS = ("float32", "bfloat16")
 
@@ -120,12 +120,6 @@ def program(config: Config, work: workloads.Workload, params, length: int,
   return work.program(params, config.strategy, length, 1, options)
 
 
-def timed(run) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(run())
-  return time.perf_counter() - start
-
-
 def measure_rounds(programs: dict[str, workloads.Program], rounds: int
                    ) -> dict[str, list[float]]:
   """Seconds of every program in each round: one warm-up run each, then `rounds` rounds that
@@ -137,7 +131,7 @@ def measure_rounds(programs: dict[str, workloads.Program], rounds: int
   for r in range(rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
-      seconds[name].append(timed(programs[name].run))
+      seconds[name].append(median_seconds(programs[name].run, 1, warmup=0)[0])
     logging.info("round %d: %s", r + 1, ", ".join(f"{n} {seconds[n][-1]:.3f} s" for n in names))
   return seconds
 

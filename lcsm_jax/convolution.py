@@ -8,6 +8,7 @@ for a longer length gives the same result: filters are prefix-consistent).
 from __future__ import annotations
 
 import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,17 +70,27 @@ def causal_conv_fft(u: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.fft.irfft(u_f * h_f, n=n, axis=-2)[..., :length, :]
 
   rows = int(np.prod(u.shape[:-2], dtype=np.int64)) * (n // 2 + 1)
-  groups = channel_groups(channels, rows * channels * 2 * np.dtype(dtype).itemsize)
+  return by_channel_groups(conv, (u, h), u.shape, dtype,
+                           rows * channels * 2 * np.dtype(dtype).itemsize)
+
+
+def by_channel_groups(fn: Callable[..., jax.Array], operands: Sequence[jax.Array],
+                      out_shape: tuple[int, ...], dtype, spectrum_bytes: int) -> jax.Array:
+  """`fn(*operands)`, channel-independent along the last axis of every operand and of its
+  result (`out_shape`, `dtype`), computed a group of channels at a time where a spectrum of
+  `spectrum_bytes` over all channels exceeds `SPECTRUM_GROUP_BYTES` (`channel_groups`): a loop
+  writing each group's result in place. One group: `fn(*operands)` itself."""
+  channels = out_shape[-1]
+  groups = channel_groups(channels, spectrum_bytes)
   if groups == 1:
-    return conv(u, h)
+    return fn(*operands)
   width = channels // groups
 
-  def add_group(g, y):
-    part = conv(jax.lax.dynamic_slice_in_dim(u, g * width, width, axis=-1),
-                jax.lax.dynamic_slice_in_dim(h, g * width, width, axis=-1))
-    return jax.lax.dynamic_update_slice_in_dim(y, part, g * width, axis=-1)
+  def add_group(g, out):
+    parts = [jax.lax.dynamic_slice_in_dim(x, g * width, width, axis=-1) for x in operands]
+    return jax.lax.dynamic_update_slice_in_dim(out, fn(*parts), g * width, axis=-1)
 
-  return jax.lax.fori_loop(0, groups, add_group, jnp.zeros(u.shape, dtype))
+  return jax.lax.fori_loop(0, groups, add_group, jnp.zeros(out_shape, dtype))
 
 
 def channel_groups(channels: int, spectrum_bytes: int) -> int:

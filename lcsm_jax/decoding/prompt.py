@@ -45,21 +45,11 @@ def prompt_contribution(prompt_inputs: Array, taps: Array, num_steps: int) -> Ar
     h_f = jnp.fft.rfft(h.astype(jnp.float32), n=n, axis=0)
     return jnp.fft.irfft(x_f * h_f[:, :, None], n=n, axis=0)[length:total]
 
-  # channel groups as in `convolution.causal_conv_fft`: at P + M = 2^20 and 2048 channels, one
-  # spectrum of every channel is 8 GiB, and the transform of all of them at once held ~33 GiB
-  spectrum_bytes = (n // 2 + 1) * streams * (batch + 1) * width * 8
-  groups = convolution.channel_groups(width, spectrum_bytes)
-  if groups == 1:
-    return contribution(inputs, taps)
-  part = width // groups
-
-  def add_group(g, out):
-    x = lax.dynamic_slice_in_dim(inputs, g * part, part, axis=-1)
-    h = lax.dynamic_slice_in_dim(taps, g * part, part, axis=-1)
-    return lax.dynamic_update_slice_in_dim(out, contribution(x, h), g * part, axis=-1)
-
-  return lax.fori_loop(0, groups, add_group,
-                       jnp.zeros((num_steps, streams, batch, width), jnp.float32))
+  # at P + M = 2^20 and 2048 channels one spectrum of every channel is 8 GiB: the transform of
+  # all of them at once held ~33 GiB
+  return convolution.by_channel_groups(contribution, (inputs, taps),
+                                       (num_steps, streams, batch, width), jnp.float32,
+                                       (n // 2 + 1) * streams * (batch + 1) * width * 8)
 
 
 def prompt_products(prompt_inputs: Array, taps: Array, start, rows: int) -> Array:
