@@ -1,7 +1,7 @@
 r"""Generation on a device mesh: bytes per device and tokens/s against the mesh shape.
 
   python -m experiments.sharding                    # (a) bytes, (b) tokens/s: ~2 min on 2 cores
-  python -m experiments.sharding --real_run         # (c) large-1m, 2^20 tokens on (1, 4)
+  python -m experiments.sharding --real_run         # (c) large-1m to 2^20 on (1, 4); see (c)
 
 (a) For the `large-1m` preset (l_max raised to --positions = 2^20) and every mesh shape of
 --meshes (data, model) over --host_devices host CPU devices: the bytes each device holds of
@@ -14,9 +14,14 @@ skipped.
 (b) tokens/s of greedy generation with a small model on the same meshes (host CPU devices
 share this machine's cores: no speed-up is expected here; the same runner measures scaling on
 a multi-device host).
-(c) With --real_run: the large-1m model generating --positions tokens on a (1, 4) mesh, in
-chunks, with the time and the process's peak resident memory (host devices share one process:
-peak per device is that over 4) and XLA's per-program estimate. Needs ~20 GB and ~30 min.
+(c) With --real_run: the large-1m model on a (1, 4) mesh up to --positions: a prompt of
+--real_prompt tokens, then generation of the rest in calls of --real_chunk tokens, with the
+time of each phase, the process's peak resident memory, each device's bytes (arrays held
+plus XLA's per-device estimate of the prefill) and XLA's per-program estimates. The 2^20 run
+with a prompt of 2^20 - 4096 tokens needs ~22 GB and ~9 min on 2 cores:
+
+  python -m experiments.sharding --real_run --positions=1048576 --real_prompt=1044480 \
+      --real_chunk=4096 --nospeed
 
 Writes --out (JSON) and a PNG beside it (bytes per device vs mesh; tokens/s vs mesh).
 """
@@ -57,6 +62,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("real_run", False, "(c): run large-1m for --positions tokens on (1, 4) "
                     "(~20 GB, ~30 min).", **fv)
   flags.DEFINE_integer("real_chunk", 65536, "(c): tokens per generate call.", **fv)
+  flags.DEFINE_integer("real_prompt", 1, "(c): prompt tokens (1: generate every position; "
+                       "--positions - 64: the 2^20 state from a prompt, 64 tokens generated).",
+                       lower_bound=1, **fv)
   flags.DEFINE_string("out", str(store_lib.RESULTS_DIR / "sharding" / "sharding.json"),
                       "JSON output; the PNG is written beside it.", **fv)
 
@@ -188,26 +196,70 @@ def speed_rows(meshes: Iterable[tuple[int, int]], width: int, batch: int, num_to
 
 # -- (c) the real run --
 
-def real_run(config, params, positions: int, chunk: int, tau: int) -> dict:
-  """(c): large-1m generating `positions` - 1 tokens after a one-token prompt on (1, 4)."""
+def real_run(config, params, positions: int, chunk: int, tau: int, prompt_length: int = 1
+             ) -> dict:
+  """(c): large-1m on (1, 4) up to `positions`: a prompt of `prompt_length` tokens (random ids;
+  1: generation all the way), then greedy generation of the rest in calls of `chunk` tokens.
+
+  A long prompt reaches 2^20 positions in the time 2 cores allow (host devices synchronise
+  every token: ~10 ms per token on (1, 4), 2.2 h or more for 2^20 generated tokens): the
+  tables are the same, and the prefill holds every prompt position's convolution inputs (8
+  GiB at 2^20, what the state of a run generated token by token holds) before it reduces them
+  to their contribution to the positions still to come. The tables then skip the precomputed
+  spectra (they only speed up generation) and the state is donated from call to call.
+
+  Peak per device: the bytes of the arrays each device holds once the tables exist (parameters,
+  tables) plus XLA's per-device estimate of the prefill program (its outputs and temporaries);
+  the process's peak RSS (all four host devices, the runtime, compiled code) beside it."""
   import jax  # pylint: disable=g-import-not-at-top
   import lcsm_jax  # pylint: disable=g-import-not-at-top
-  decoder = lcsm_jax.Decoder(params, config, "flash", positions, tau=tau, mesh=mesh_of((1, 4)))
-  estimate = decoder.estimate_memory(1, 1, min(chunk, positions - 1))
+  long_prompt = prompt_length > 1
+  options = dict(base=2, precomputed_spectra=False) if long_prompt else {}
+  decoder = lcsm_jax.Decoder(params, config, "flash", positions, tau=tau, mesh=mesh_of((1, 4)),
+                             donate_state=long_prompt, **options)
+  generated = positions - prompt_length
+  estimate = decoder.estimate_memory(1, prompt_length, min(chunk, generated) or None)
+  phases = {}
   start = time.perf_counter()
-  state = decoder.prefill(np.zeros((1, 1), np.int32))
-  left = positions - 1
+  jax.block_until_ready(decoder.tables)
+  phases["tables_s"] = time.perf_counter() - start
+  held = live_bytes_per_device()
+  prefill_bytes = estimate["prefill (state included)"]
+  prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt_length))
+  state = decoder.prefill(prompt.astype(np.int32))
+  jax.block_until_ready(state)
+  phases["prefill_s"] = time.perf_counter() - start - phases["tables_s"]
+  per_device_after_prefill = live_bytes_per_device()
+  left = generated
   while left:
     count = min(chunk, left)
     result, state = decoder.generate(state, count, temperature=0)
     jax.block_until_ready(result.tokens)
     left -= count
-    logging.info("%d of %d tokens, %.0f s", positions - 1 - left, positions - 1,
+    logging.info("%d of %d tokens, %.0f s", generated - left, generated,
                  time.perf_counter() - start)
+  seconds = time.perf_counter() - start
+  phases["generation_s"] = seconds - phases["tables_s"] - phases["prefill_s"]
   peak = machine.max_rss_bytes()
-  return {"mesh": [1, 4], "positions": positions, "seconds": time.perf_counter() - start,
-          "process_peak_rss_bytes": peak, "peak_rss_bytes_per_device": peak / 4,
-          "xla_estimate_bytes": estimate}
+  return {"mesh": [1, 4], "positions": positions, "prompt_length": prompt_length,
+          "generated_tokens": generated, "seconds": seconds, **phases,
+          "options": options, "process_peak_rss_bytes": peak,
+          "peak_rss_bytes_per_device": peak / 4,
+          "held_bytes_per_device_before_prefill": held,
+          "live_bytes_per_device_after_prefill": per_device_after_prefill,
+          "peak_bytes_per_device": {d: b + prefill_bytes for d, b in held.items()},
+          "xla_estimate_bytes": estimate, "tokens_in_vocabulary": bool(np.all(
+              np.asarray(result.tokens) < config.vocab_size))}
+
+
+def live_bytes_per_device() -> dict[str, int]:
+  """Bytes of every live JAX array's shards, by device (what the devices hold now)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  held: dict[str, int] = {}
+  for array in jax.live_arrays():
+    for shard in array.addressable_shards:
+      held[str(shard.device)] = held.get(str(shard.device), 0) + shard.data.nbytes
+  return held
 
 
 def plot(byte_rows_: list[dict], speed: list[dict], path) -> None:
@@ -259,11 +311,13 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   rows = byte_rows(config, params, f.strategies, [int(b) for b in f.batches], meshes,
                    f.positions, f.tau)
   out.set("bytes", rows)
-  speed = speed_rows(meshes, f.speed_width, f.speed_batch, f.speed_tokens, f.repeats,
-                     f.tau) if f.speed else []
-  out.set("speed", speed)
+  if f.speed:
+    out.set("speed", speed_rows(meshes, f.speed_width, f.speed_batch, f.speed_tokens,
+                                f.repeats, f.tau))
+  speed = out.data.get("speed", [])  # --nospeed keeps (and plots) the stored rows
   if f.real_run:
-    out.set("real_run", real_run(config, params, f.positions, f.real_chunk, f.tau))
+    out.set("real_run", real_run(config, params, f.positions, f.real_chunk, f.tau,
+                                  f.real_prompt))
   json_path, _, png_path = plots.output_paths(out.path)
   plot(rows, speed, png_path)
   logging.info("wrote %s, %s", json_path, png_path)

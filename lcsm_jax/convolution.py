@@ -38,59 +38,100 @@ def _compute_dtype(dtype) -> jnp.dtype:
   return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-SPECTRUM_GROUP_BYTES = 1 << 28  # larger spectra are computed a group of channels at a time
+SPECTRUM_GROUP_BYTES = 1 << 26  # larger spectra are computed a group of channels at a time
 
 
-def causal_conv_fft(u: jax.Array, h: jax.Array) -> jax.Array:
+def causal_conv_fft(u: jax.Array, h: jax.Array, *, skip: jax.Array | None = None,
+                    stream: jax.Array | int | None = None) -> jax.Array:
   """`y[..., t, c] = sum_{s <= t} u[..., s, c] * h[t - s, c]` through one real FFT of size >= 2L.
 
   The filter's transform waits for `u` (a data dependence): in a stack of layers XLA
   would otherwise transform every layer's filter up front and keep all the spectra alive (16
   GiB for 8 x 256 channels at 2^20 positions). Where one spectrum of `u` would exceed
-  `SPECTRUM_GROUP_BYTES`, the channels are transformed a group at a time (a loop writing each
-  group's outputs in place), so that the working memory stays a few such spectra.
+  `SPECTRUM_GROUP_BYTES`, the channels are transformed a group at a time, each group's result
+  written over its input (a loop; XLA copies `u` first only if the caller still needs it), so
+  that the working memory is `u` and a few of one group's spectra.
 
   Args:
     u: `(..., L, C)` input.
-    h: `(Lh, C)` filter taps, `Lh >= L`.
+    h: `(Lh, C)` filter taps, `Lh >= L`; with `stream`, `(Lh, S, C)`: the filters of S
+      streams, of which `h[:, stream]` is used (read a channel group at a time, never copied
+      whole).
+    skip: optional `(C,)`: the result is the convolution plus `u * skip` (a Hyena block's skip
+      term), computed with each group, so that no second array of `u`'s size is needed.
+    stream: the filter's index in a 3-D `h` (may be traced).
   Returns:
     `(..., L, C)` in the compute dtype (float32, or float64 for float64 inputs).
   """
-  _check_filter(u, h)
+  if stream is None:
+    _check_filter(u, h)
+    h = h[:, None]
+  elif h.ndim != 3 or u.ndim < 2 or u.shape[-1] != h.shape[-1]:
+    raise ValueError(f"with stream=, filters must have shape (taps, streams, channels) matching "
+                     f"the input's channels, got {h.shape} for input {u.shape}.")
   length, channels = u.shape[-2:]
   dtype = _compute_dtype(jnp.result_type(u.dtype, h.dtype))
   n = fft_length(2 * length)
   u = u.astype(dtype)
-  # a data dependence (0 * u[first]): XLA:CPU drops optimization barriers before scheduling
-  h = h[:length].astype(dtype) + 0 * u[(0,) * (u.ndim - 2) + (slice(0, 1), slice(None))][0]
+  index = 0 if stream is None else stream
+  first_row = (0,) * (u.ndim - 2) + (slice(0, 1), slice(None))
 
-  def conv(u, h):
+  def conv(start, width, u, *skip):
+    h_group = jax.lax.dynamic_slice(h, (0, index, start), (length, 1, width))[:, 0]
+    # a data dependence (0 * u[first]): XLA:CPU drops optimization barriers before scheduling
+    h_group = h_group.astype(dtype) + 0 * u[first_row][0]
     u_f = jnp.fft.rfft(u, n=n, axis=-2)
-    h_f = jnp.fft.rfft(h, n=n, axis=0)
-    return jnp.fft.irfft(u_f * h_f, n=n, axis=-2)[..., :length, :]
+    h_f = jnp.fft.rfft(h_group, n=n, axis=0)
+    y = jnp.fft.irfft(u_f * h_f, n=n, axis=-2)[..., :length, :]
+    return y + u * skip[0].astype(dtype) if skip else y
 
   rows = int(np.prod(u.shape[:-2], dtype=np.int64)) * (n // 2 + 1)
-  return by_channel_groups(conv, (u, h), u.shape, dtype,
-                           rows * channels * 2 * np.dtype(dtype).itemsize)
+  operands = (u,) if skip is None else (u, skip)
+  return by_channel_groups(conv, operands, u.shape, dtype,
+                           rows * channels * 2 * np.dtype(dtype).itemsize, in_place=True)
+
+
+causal_conv_fft.fuses_skip = True  # takes skip= and stream= (`convolve`)
+
+
+def convolve(conv: Callable[..., jax.Array], u: jax.Array, h: jax.Array, skip: jax.Array, *,
+             stream: jax.Array | int | None = None) -> jax.Array:
+  """`conv(u, h) + u * skip` for any long convolution `conv` (u (..., L, C), h (>= L, C), skip
+  (C,)), or with `stream` the filter `h[:, stream]` of 3-D filters (>= L, S, C). A `conv` that
+  says `fuses_skip` (`causal_conv_fft`, the engine's on a mesh) does both itself, a channel
+  group at a time, and so never copies the filter or holds a second array of `u`'s size."""
+  if getattr(conv, "fuses_skip", False):
+    return conv(u, h, skip=skip, stream=stream)
+  if stream is not None:
+    h = jax.lax.dynamic_index_in_dim(h, stream, axis=1, keepdims=False)
+  return conv(u, h) + u.astype(h.dtype) * skip
 
 
 def by_channel_groups(fn: Callable[..., jax.Array], operands: Sequence[jax.Array],
-                      out_shape: tuple[int, ...], dtype, spectrum_bytes: int) -> jax.Array:
-  """`fn(*operands)`, channel-independent along the last axis of every operand and of its
+                      out_shape: tuple[int, ...], dtype, spectrum_bytes: int, *,
+                      in_place: bool = False) -> jax.Array:
+  """`fn(0, C, *operands)`, channel-independent along the last axis of every operand and of its
   result (`out_shape`, `dtype`), computed a group of channels at a time where a spectrum of
   `spectrum_bytes` over all channels exceeds `SPECTRUM_GROUP_BYTES` (`channel_groups`): a loop
-  writing each group's result in place. One group: `fn(*operands)` itself."""
+  calling `fn(start, width, *group_slices)` for the channels [start, start + width) and
+  writing each group's result in place, in a new array or (`in_place`, where `out_shape` and
+  `dtype` are those of `operands[0]`) over `operands[0]`, from which each group reads its
+  slice before writing it. One group: `fn(0, C, *operands)` itself."""
   channels = out_shape[-1]
   groups = channel_groups(channels, spectrum_bytes)
   if groups == 1:
-    return fn(*operands)
+    return fn(0, channels, *operands)
   width = channels // groups
+  group = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, width, axis=-1)
 
   def add_group(g, out):
-    parts = [jax.lax.dynamic_slice_in_dim(x, g * width, width, axis=-1) for x in operands]
-    return jax.lax.dynamic_update_slice_in_dim(out, fn(*parts), g * width, axis=-1)
+    start = g * width
+    inputs = (out, *operands[1:]) if in_place else operands
+    result = fn(start, width, *[group(x, start) for x in inputs])
+    return jax.lax.dynamic_update_slice_in_dim(out, result.astype(dtype), start, axis=-1)
 
-  return jax.lax.fori_loop(0, groups, add_group, jnp.zeros(out_shape, dtype))
+  out = operands[0].astype(dtype) if in_place else jnp.zeros(out_shape, dtype)
+  return jax.lax.fori_loop(0, groups, add_group, out)
 
 
 def channel_groups(channels: int, spectrum_bytes: int) -> int:

@@ -202,3 +202,46 @@ def test_a_stack_of_convolutions_keeps_few_spectra_alive():
   compiled = jax.jit(stack).lower(taps, x).compile()
   spectrum = (length + 1) * channels * 8
   assert compiled.memory_analysis().temp_size_in_bytes <= 4 * spectrum
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("batch_shape,length,channels,streams", [((), 37, 6, 3),
+                                                                  ((2,), 50, 12, 2)])
+def test_skip_and_stream_are_the_convolution_of_that_filter_plus_the_skip(
+    monkeypatch, grouped, batch_shape, length, channels, streams):
+  """causal_conv_fft(u, h, skip=, stream=) = the float64 direct sum with h[:, stream], plus
+  u * skip; `convolve` gives the same through a convolution that does not fuse them."""
+  rng = np.random.default_rng(length + streams)
+  u = rng.standard_normal(batch_shape + (length, channels)).astype(np.float32)
+  h = (rng.standard_normal((length + 5, streams, channels)) / np.sqrt(length)).astype(np.float32)
+  skip = rng.standard_normal(channels).astype(np.float32)
+  stream = streams - 1
+  expected = causal_conv_numpy(u, h[:, stream]) + u.astype(np.float64) * skip
+  if grouped:
+    monkeypatch.setattr(convolution, "SPECTRUM_GROUP_BYTES", 1)  # one channel per group
+  fused = jax.jit(lambda u, h, skip, s: causal_conv_fft(u, h, skip=skip, stream=s))
+  assert ("while" in fused.lower(u, h, skip, stream).as_text()) == grouped
+  tolerance = dict(rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+  np.testing.assert_allclose(np.asarray(fused(u, h, skip, stream)), expected, **tolerance)
+  for conv in (causal_conv_fft, causal_conv_direct):
+    out = jax.jit(lambda u, h, skip, conv=conv: convolution.convolve(conv, u, h, skip,
+                                                                     stream=stream))(u, h, skip)
+    np.testing.assert_allclose(np.asarray(out), expected, **tolerance)
+  two_d = jax.jit(lambda u, h, skip: causal_conv_fft(u, h, skip=skip))(u, h[:, stream], skip)
+  np.testing.assert_allclose(np.asarray(two_d), expected, **tolerance)
+
+
+def test_grouped_convolution_with_skip_needs_no_second_input_or_filter_copy(monkeypatch):
+  """In channel groups with the skip term fused, the working memory is a few of one group's
+  spectra: no second array of the input's size (the result is written over it) and no copy
+  of the stream's filter (read a group at a time from the 3-D filters). The input is donated,
+  as the prefill's loop carry is."""
+  length, channels, streams = 1 << 14, 64, 4
+  monkeypatch.setattr(convolution, "SPECTRUM_GROUP_BYTES", (length + 1) * 8 * 4)  # 16 groups
+  u = jax.ShapeDtypeStruct((1, length, channels), jnp.float32)
+  h = jax.ShapeDtypeStruct((2 * length, streams, channels), jnp.float32)
+  skip = jax.ShapeDtypeStruct((channels,), jnp.float32)
+  fused = jax.jit(lambda u, h, skip: causal_conv_fft(u, h, skip=skip, stream=1),
+                  donate_argnums=0).lower(u, h, skip).compile()
+  input_bytes = length * channels * 4
+  assert fused.memory_analysis().temp_size_in_bytes < input_bytes

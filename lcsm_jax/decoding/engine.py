@@ -85,9 +85,21 @@ class Engine:
     if self.sharding is None:
       return {}
     rows_time_channels = PartitionSpec(BATCH, None, CHANNELS)  # u (B, L, D)
-    return {"conv": self.local(convolution.causal_conv_fft,
-                               (rows_time_channels, PartitionSpec(None, CHANNELS)),
-                               rows_time_channels)}
+
+    def conv(u, h, *, skip=None, stream=None):  # the arguments of `causal_conv_fft`
+      args = {"u": (u, rows_time_channels),
+              "h": (h, PartitionSpec(None, CHANNELS) if stream is None else sharding_lib.TAPS)}
+      if skip is not None:
+        args["skip"] = (skip, PartitionSpec(CHANNELS))
+      if stream is not None:
+        args["stream"] = (jnp.asarray(stream, jnp.int32), sharding_lib.REPLICATED)
+      names = tuple(args)
+      on_shards = lambda *values: convolution.causal_conv_fft(**dict(zip(names, values)))
+      return self.local(on_shards, tuple(layout for _, layout in args.values()),
+                        rows_time_channels)(*(value for value, _ in args.values()))
+
+    conv.fuses_skip = True
+    return {"conv": conv}
 
   def _prefill_taps(self, tables: EngineTables, length: int) -> Array | None:
     """The strategy's filters for the prefill (None: the model's own); on a mesh, a

@@ -40,7 +40,8 @@ def prompt_contribution(prompt_inputs: Array, taps: Array, num_steps: int) -> Ar
   inputs = prompt_inputs.astype(jnp.float32)
   taps = taps[:total]
 
-  def contribution(x, h):  # x (P, S, B, D'), h (total, S, D') -> (M, S, B, D')
+  def contribution(start, width, x, h):  # x (P, S, B, D'), h (total, S, D') -> (M, S, B, D')
+    del start, width
     x_f = jnp.fft.rfft(x, n=n, axis=0)
     h_f = jnp.fft.rfft(h.astype(jnp.float32), n=n, axis=0)
     return jnp.fft.irfft(x_f * h_f[:, :, None], n=n, axis=0)[length:total]

@@ -101,25 +101,31 @@ def prefill_in_chunks(config: HyenaConfig, params: Params, prompt: Array, chunk:
                                 blocks)}
 
     def project(start, size, carry):  # A
-      middle_gates, first, window = carry
+      middle_gates, first, inputs, window = carry
       gates, v, window = block.apply(p, _run(x, start, size), window, method=HyenaBlock.project)
       if convs > 1:
         middle_gates = lax.dynamic_update_slice_in_dim(
             middle_gates, jnp.stack(gates[1:convs]).astype(f32), start, axis=2)
-      return middle_gates, _put(first, v * gates[convs], start), window
+      run = (v * gates[convs]).astype(f32)
+      inputs = lax.dynamic_update_slice(  # the first convolution's input, straight to the state
+          inputs, jnp.moveaxis(run, 1, 0)[:, None], (start, index * convs, 0, 0))
+      return middle_gates, _put(first, run, start), inputs, window
 
     window0 = jnp.zeros((batch, cfg.short_filter_order - 1, (cfg.order + 1) * width), f32)
-    middle_gates, a, window = for_each_run(
+    middle_gates, a, inputs, window = for_each_run(
         length, chunk, project,
-        (jnp.zeros((convs - 1, batch, length, width), f32), jnp.zeros(x.shape, f32), window0))
+        (jnp.zeros((convs - 1, batch, length, width), f32), jnp.zeros(x.shape, f32), inputs,
+         window0))
 
     h, skip = block.apply(p, length, method=HyenaBlock.filters)             # B
-    if taps is not None:
-      h = lax.dynamic_slice_in_dim(taps[:length], index * convs, convs, axis=1).astype(h.dtype)
+    first_stream = 0
+    if taps is not None:  # the layer's filters read in place (a slice would copy P x D each)
+      h, first_stream = taps, index * convs
     for o in range(convs):
-      inputs = lax.dynamic_update_slice(
-          inputs, jnp.moveaxis(a, 1, 0)[:, None].astype(f32), (0, index * convs + o, 0, 0))
-      a = long_convolve(long_conv, a, h[:, o], skip[o], f32)
+      if o:
+        inputs = lax.dynamic_update_slice(
+            inputs, jnp.moveaxis(a, 1, 0)[:, None].astype(f32), (0, index * convs + o, 0, 0))
+      a = long_convolve(long_conv, a, h, skip[o], f32, stream=first_stream + o)
       if o < convs - 1:                     # the next input; the last output waits for gates[0]
         a = a * middle_gates[convs - 2 - o]
 

@@ -137,12 +137,12 @@ def gated_convolutions(gates: Sequence[Array], v: Array,
   return v * gates[0], inputs
 
 
-def long_convolve(conv: Callable[[Array, Array], Array], a: Array, h: Array, skip: Array,
-                  dtype: DType) -> Array:
-  """One long convolution with its skip term: conv(a, h) + a skip, a (B, L, D), h (>= L, D),
-  skip (D,), in h's dtype, returned in `dtype`."""
-  y = conv(a, h) + a.astype(h.dtype) * skip
-  return y.astype(dtype)
+def long_convolve(conv: Callable[..., Array], a: Array, h: Array, skip: Array, dtype: DType,
+                  stream: Array | int | None = None) -> Array:
+  """One long convolution with its skip term: conv(a, h) + a skip, a (B, L, D), h (>= L, D)
+  or with `stream` h[:, stream] of h (>= L, S, D), skip (D,) (`convolution.convolve`),
+  returned in `dtype`."""
+  return convolution.convolve(conv, a, h, skip, stream=stream).astype(dtype)
 
 
 def step_dense(dense: nn.Module, params: Any, x: Array) -> Array:
@@ -243,7 +243,7 @@ class HyenaOperator(nn.Module):
     if taps is not None:
       h = taps[:length].astype(h.dtype)
     conv = convolution.long_convolution(self.long_conv)
-    convolve = lambda o, a: long_convolve(conv, a, h[:, o], skip[o], self.dtype)
+    convolve = lambda o, a: long_convolve(conv, a, h, skip[o], self.dtype, stream=o)
     y, inputs = gated_convolutions(gates, v, convolve)
     return self.out_proj(y), MixerCache(jnp.stack(inputs), history)
 
