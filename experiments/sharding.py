@@ -65,6 +65,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("real_prompt", 1, "(c): prompt tokens (1: generate every position; "
                        "--positions - 64: the 2^20 state from a prompt, 64 tokens generated).",
                        lower_bound=1, **fv)
+  flags.DEFINE_string("real_mesh", "1x4", "(c): the mesh, dataxmodel.", **fv)
   flags.DEFINE_string("out", str(store_lib.RESULTS_DIR / "sharding" / "sharding.json"),
                       "JSON output; the PNG is written beside it.", **fv)
 
@@ -196,9 +197,9 @@ def speed_rows(meshes: Iterable[tuple[int, int]], width: int, batch: int, num_to
 
 # -- (c) the real run --
 
-def real_run(config, params, positions: int, chunk: int, tau: int, prompt_length: int = 1
-             ) -> dict:
-  """(c): large-1m on (1, 4) up to `positions`: a prompt of `prompt_length` tokens (random ids;
+def real_run(config, params, positions: int, chunk: int, tau: int, prompt_length: int = 1,
+             shape: tuple[int, int] = (1, 4)) -> dict:
+  """(c): large-1m on a mesh of `shape` (default (1, 4)) up to `positions`: a prompt of `prompt_length` tokens (random ids;
   1: generation all the way), then greedy generation of the rest in calls of `chunk` tokens.
 
   A long prompt reaches 2^20 positions in the time 2 cores allow (host devices synchronise
@@ -215,7 +216,7 @@ def real_run(config, params, positions: int, chunk: int, tau: int, prompt_length
   import lcsm_jax  # pylint: disable=g-import-not-at-top
   long_prompt = prompt_length > 1
   options = dict(base=2, precomputed_spectra=False) if long_prompt else {}
-  decoder = lcsm_jax.Decoder(params, config, "flash", positions, tau=tau, mesh=mesh_of((1, 4)),
+  decoder = lcsm_jax.Decoder(params, config, "flash", positions, tau=tau, mesh=mesh_of(shape),
                              donate_state=long_prompt, **options)
   generated = positions - prompt_length
   estimate = decoder.estimate_memory(1, prompt_length, min(chunk, generated) or None)
@@ -241,10 +242,10 @@ def real_run(config, params, positions: int, chunk: int, tau: int, prompt_length
   seconds = time.perf_counter() - start
   phases["generation_s"] = seconds - phases["tables_s"] - phases["prefill_s"]
   peak = machine.max_rss_bytes()
-  return {"mesh": [1, 4], "positions": positions, "prompt_length": prompt_length,
+  return {"mesh": list(shape), "positions": positions, "prompt_length": prompt_length,
           "generated_tokens": generated, "seconds": seconds, **phases,
           "options": options, "process_peak_rss_bytes": peak,
-          "peak_rss_bytes_per_device": peak / 4,
+          "peak_rss_bytes_per_device": peak / math.prod(shape),
           "held_bytes_per_device_before_prefill": held,
           "live_bytes_per_device_after_prefill": per_device_after_prefill,
           "peak_bytes_per_device": {d: b + prefill_bytes for d, b in held.items()},
@@ -253,12 +254,15 @@ def real_run(config, params, positions: int, chunk: int, tau: int, prompt_length
 
 
 def live_bytes_per_device() -> dict[str, int]:
-  """Bytes of every live JAX array's shards, by device (what the devices hold now)."""
+  """Bytes of every live JAX array's shards, by device (what the devices hold now), from the
+  shardings' shard shapes: reading `shard.data` would make (and keep) an array per shard,
+  which the next call would count again."""
   import jax  # pylint: disable=g-import-not-at-top
   held: dict[str, int] = {}
   for array in jax.live_arrays():
-    for shard in array.addressable_shards:
-      held[str(shard.device)] = held.get(str(shard.device), 0) + shard.data.nbytes
+    size = math.prod(array.sharding.shard_shape(array.shape)) * array.dtype.itemsize
+    for device in array.sharding.addressable_devices:
+      held[str(device)] = held.get(str(device), 0) + size
   return held
 
 
@@ -317,7 +321,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   speed = out.data.get("speed", [])  # --nospeed keeps (and plots) the stored rows
   if f.real_run:
     out.set("real_run", real_run(config, params, f.positions, f.real_chunk, f.tau,
-                                  f.real_prompt))
+                                  f.real_prompt, mesh_shape(f.real_mesh)))
   json_path, _, png_path = plots.output_paths(out.path)
   plot(rows, speed, png_path)
   logging.info("wrote %s, %s", json_path, png_path)

@@ -400,6 +400,41 @@ def test_sharding_runner(tmp_path):
   assert (tmp_path / "sharding.png").exists()
 
 
+def test_sharding_real_run_from_a_prompt(tmp_path):
+  """(c) at a tiny size on one device: a prompt, then generation in calls, with each phase's
+  time and the bytes per device."""
+  out = _run(sharding_runner, tmp_path / "sharding.json", "--preset=tiny-1k", "--positions=64",
+             "--meshes=1x1", "--strategies=flash", "--batches=1", "--nospeed",
+             "--host_devices=1", "--tau=4", "--real_run", "--real_mesh=1x1",
+             "--real_prompt=40", "--real_chunk=16")
+  run = out["real_run"]
+  assert run["mesh"] == [1, 1] and run["prompt_length"] == 40 and run["generated_tokens"] == 24
+  assert run["tokens_in_vocabulary"] and run["options"] == {"base": 2,
+                                                            "precomputed_spectra": False}
+  assert min(run["tables_s"], run["prefill_s"], run["generation_s"]) > 0
+  (device, peak), = run["peak_bytes_per_device"].items()
+  assert peak == run["held_bytes_per_device_before_prefill"][device] + run[
+      "xla_estimate_bytes"]["prefill (state included)"] > 0
+  assert "speed" not in out  # --nospeed on a new store: nothing measured, nothing written
+
+
+def test_sharding_live_bytes_count_each_shard_once():
+  """Two calls in a row agree (reading shards' data would add an array per shard) and count a
+  new array's bytes on its device."""
+  import gc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  gc.collect()
+  gc.disable()  # no other test's arrays freed between the calls
+  try:
+    first = sharding_runner.live_bytes_per_device()
+    assert sharding_runner.live_bytes_per_device() == first
+    x = jax.device_put(np.zeros((1 << 18,), np.float32), jax.devices()[0])
+    device = str(jax.devices()[0])
+    assert sharding_runner.live_bytes_per_device()[device] == first.get(device, 0) + x.nbytes
+  finally:
+    gc.enable()
+
+
 def test_experiments_use_public_names_only():
   """No runner imports the old engine's modules or a private name of the package."""
   import ast  # pylint: disable=g-import-not-at-top

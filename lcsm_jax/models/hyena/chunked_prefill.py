@@ -9,11 +9,12 @@ other part of a block is pointwise in the positions, or (the short convolution) 
 positions back. `prefill_in_chunks` therefore runs each layer as
 
   A. the in-projection and short convolution, `chunk` positions at a time (the short
-     convolution's window carried from run to run): the first convolution's input and the
-     gates the later ones need (none at order 2), (B, P, D) each;
-  B. the long convolutions over the whole length (`convolution` splits large spectra into
-     channel groups), writing each one's inputs into the (P, S, B, D) buffer the decoding
-     state keeps;
+     convolution's window carried from run to run): the first convolution's input, also
+     written run by run into the (P, S, B, D) buffer the decoding state keeps, and the gates
+     the later ones need (none at order 2), (B, P, D) each;
+  B. the long convolutions over the whole length (`convolution.convolve`: the FFT one reads
+     the layer's filter from `taps` and writes its result over its input a channel group at
+     a time), writing each later one's input into the state's buffer;
   C. the output gate (gates[0], made again from the run's stream, which costs one more
      in-projection per layer and saves keeping it), the out-projection, residual and MLP,
      `chunk` positions at a time, in place in the residual stream;
