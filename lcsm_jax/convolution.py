@@ -63,12 +63,9 @@ def causal_conv_fft(u: jax.Array, h: jax.Array, *, skip: jax.Array | None = None
   Returns:
     `(..., L, C)` in the compute dtype (float32, or float64 for float64 inputs).
   """
+  _check_filter(u, h, streams=stream is not None)
   if stream is None:
-    _check_filter(u, h)
     h = h[:, None]
-  elif h.ndim != 3 or u.ndim < 2 or u.shape[-1] != h.shape[-1]:
-    raise ValueError(f"with stream=, filters must have shape (taps, streams, channels) matching "
-                     f"the input's channels, got {h.shape} for input {u.shape}.")
   length, channels = u.shape[-2:]
   dtype = _compute_dtype(jnp.result_type(u.dtype, h.dtype))
   n = fft_length(2 * length)
@@ -170,11 +167,13 @@ def causal_conv_numpy(u: np.ndarray, h: np.ndarray) -> np.ndarray:
   return y
 
 
-def _check_filter(u: jax.Array, h: jax.Array) -> None:
-  if h.ndim != 2:
-    raise ValueError(f"filter must have shape (taps, channels), got {h.shape}.")
+def _check_filter(u: jax.Array, h: jax.Array, streams: bool = False) -> None:
+  """h (taps, channels), or with `streams` (taps, streams, channels), for u (..., L, C)."""
+  shape = "(taps, streams, channels)" if streams else "(taps, channels)"
+  if h.ndim != 2 + streams:
+    raise ValueError(f"filter must have shape {shape}, got {h.shape}.")
   if u.ndim < 2 or u.shape[-1] != h.shape[-1]:
-    raise ValueError(f"input (..., L, C) {u.shape} does not match filter (taps, C) {h.shape}.")
+    raise ValueError(f"input (..., L, C) {u.shape} does not match filter {shape} {h.shape}.")
   if h.shape[0] < u.shape[-2]:
     raise ValueError(
         f"filter has {h.shape[0]} taps, fewer than the sequence length {u.shape[-2]}.")

@@ -231,6 +231,16 @@ def test_skip_and_stream_are_the_convolution_of_that_filter_plus_the_skip(
   np.testing.assert_allclose(np.asarray(two_d), expected, **tolerance)
 
 
+def test_stream_filters_are_checked_like_plain_ones():
+  u = np.zeros((1, 8, 4), np.float32)
+  with pytest.raises(ValueError, match=r"filter must have shape \(taps, streams, channels\)"):
+    causal_conv_fft(u, np.zeros((8, 4), np.float32), stream=0)
+  with pytest.raises(ValueError, match="does not match filter"):
+    causal_conv_fft(u, np.zeros((8, 2, 3), np.float32), stream=0)
+  with pytest.raises(ValueError, match="fewer than the sequence length"):
+    causal_conv_fft(u, np.zeros((7, 2, 4), np.float32), stream=1)
+
+
 def test_grouped_convolution_with_skip_needs_no_second_input_or_filter_copy(monkeypatch):
   """In channel groups with the skip term fused, the working memory is a few of one group's
   spectra: no second array of the input's size (the result is written over it) and no copy
