@@ -59,8 +59,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("speed_batch", 8, "(b): batch rows.", **fv)
   flags.DEFINE_integer("speed_tokens", 128, "(b): tokens generated per timed call.", **fv)
   flags.DEFINE_integer("repeats", 2, "(b): timed calls per mesh (the fastest is kept).", **fv)
-  flags.DEFINE_bool("real_run", False, "(c): run large-1m for --positions tokens on (1, 4) "
-                    "(~20 GB, ~30 min).", **fv)
+  flags.DEFINE_bool("real_run", False, "(c): run large-1m up to --positions on --real_mesh "
+                    "(at 2^20 from a 2^20 - 4096 prompt: ~22 GB, ~9 min).", **fv)
   flags.DEFINE_integer("real_chunk", 65536, "(c): tokens per generate call.", **fv)
   flags.DEFINE_integer("real_prompt", 1, "(c): prompt tokens (1: generate every position; "
                        "--positions - 64: the 2^20 state from a prompt, 64 tokens generated).",
@@ -199,25 +199,25 @@ def speed_rows(meshes: Iterable[tuple[int, int]], width: int, batch: int, num_to
 
 def real_run(config, params, positions: int, chunk: int, tau: int, prompt_length: int = 1,
              shape: tuple[int, int] = (1, 4)) -> dict:
-  """(c): large-1m on a mesh of `shape` (default (1, 4)) up to `positions`: a prompt of `prompt_length` tokens (random ids;
-  1: generation all the way), then greedy generation of the rest in calls of `chunk` tokens.
+  """(c): large-1m on a mesh of `shape` up to `positions`: a prompt of `prompt_length` tokens
+  (random ids; 1: generation all the way), then greedy generation of the rest in calls of
+  `chunk` tokens, the state donated from call to call.
 
   A long prompt reaches 2^20 positions in the time 2 cores allow (host devices synchronise
   every token: ~10 ms per token on (1, 4), 2.2 h or more for 2^20 generated tokens): the
   tables are the same, and the prefill holds every prompt position's convolution inputs (8
   GiB at 2^20, what the state of a run generated token by token holds) before it reduces them
   to their contribution to the positions still to come. The tables then skip the precomputed
-  spectra (they only speed up generation) and the state is donated from call to call.
+  spectra (they only speed up generation).
 
   Peak per device: the bytes of the arrays each device holds once the tables exist (parameters,
   tables) plus XLA's per-device estimate of the prefill program (its outputs and temporaries);
-  the process's peak RSS (all four host devices, the runtime, compiled code) beside it."""
+  the process's peak RSS (every host device, the runtime, compiled code) beside it."""
   import jax  # pylint: disable=g-import-not-at-top
   import lcsm_jax  # pylint: disable=g-import-not-at-top
-  long_prompt = prompt_length > 1
-  options = dict(base=2, precomputed_spectra=False) if long_prompt else {}
+  options = dict(base=2, precomputed_spectra=False) if prompt_length > 1 else {}
   decoder = lcsm_jax.Decoder(params, config, "flash", positions, tau=tau, mesh=mesh_of(shape),
-                             donate_state=long_prompt, **options)
+                             donate_state=True, **options)
   generated = positions - prompt_length
   estimate = decoder.estimate_memory(1, prompt_length, min(chunk, generated) or None)
   phases = {}
