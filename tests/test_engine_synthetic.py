@@ -223,6 +223,26 @@ def test_smoothed_rollout_resumes_call_by_call():
     pieces.append(out)
   outputs = jnp.concatenate(pieces, axis=1)
   check_rollout(stack, params, prompt, 137, outputs)
+  # the smoothed levels' transform inputs: written in their first half only
+  padded = state.engine.strategy.padded_windows
+  assert sorted(padded) == [4, 16, 64]
+  for size, buffer in padded.items():
+    assert buffer.shape[-1] == 2 * size
+    assert not np.any(np.asarray(buffer[..., size:])), size
+    assert np.any(np.asarray(buffer[..., :size])), size
+
+
+@pytest.mark.parametrize("tau,length", [(1, 300), (4, 1000), (16, 5000), (1, 5000)])
+def test_spread_chunks_fall_on_distinct_steps_off_the_tile_ends(tau, length):
+  flash = Flash(decoding.EngineOptions(tau=tau, base=4, smooth=1))
+  layout = flash.layout(length)
+  unit, tile = flash.spread_unit(layout), layout.tile
+  levels = Flash.spread_levels(layout)
+  assert levels and all(layout.plan.size(k) % unit == 0 for k in levels)
+  phases = [flash.spread_phase(layout, k) for k in levels]
+  assert len(set(phases)) == len(phases) and all(0 <= p < unit for p in phases)
+  if tile > 1:
+    assert all(p % tile for p in phases)
 
 
 

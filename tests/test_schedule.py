@@ -136,7 +136,7 @@ def _check_smoothed(plan, bridge_level, tile, chunks, phase):
       for s in inputs:
         for t in outputs:
           cover[(s, t)] = cover.get((s, t), 0) + 1
-  chunks_run = {}
+  chunks_run, most_older = {}, {}
   for time, level, inputs, outputs, j in schedule.smoothed_events(plan, bridge_level, tile,
                                                                   chunks, phase):
     assert 0 < time < m
@@ -150,11 +150,18 @@ def _check_smoothed(plan, bridge_level, tile, chunks, phase):
     assert time - (inputs.stop - plan.size(level)) <= ring and outputs.stop - time <= ring
     assert ((outputs.start - inputs.start) // plan.size(level)
             <= schedule.smoothed_distances(plan, level))
+    # the engine's one-pass product has a term for each input block but the newest
+    delay = 1 if level == bridge_level else 2
+    older = len(inputs) // plan.size(level) - 1
+    most_older[delay] = max(most_older.get(delay, 0), older)
+    assert older <= schedule.smoothed_sources(b, delay)
     chunks_run.setdefault((level, outputs.start), []).append(j)
     if j == 0:
       for s in inputs:
         for t in outputs:
           cover[(s, t)] = cover.get((s, t), 0) + 1
+  if m > 4 * b * plan.size(bridge_level + 1):  # a last block of a group, a group after it
+    assert most_older == {1: schedule.smoothed_sources(b, 1), 2: schedule.smoothed_sources(b, 2)}
   for (level, _), ids in chunks_run.items():
     expected = 1 if level == bridge_level else chunks(level)
     assert sorted(ids) == list(range(expected))

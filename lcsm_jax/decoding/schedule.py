@@ -209,6 +209,13 @@ def smoothed_first_source(base: int, block):
   return (block // base - 1) * base
 
 
+def smoothed_sources(base: int, delay: int) -> int:
+  """The most input blocks older than block - delay that feed one output block of a smoothed
+  level (delay 2 above the bridge level, 1 at it): from the start of the group before up to
+  block - delay - 1, at most 2b - 1 - delay (the last block of a group)."""
+  return 2 * base - 1 - delay
+
+
 def spread_slot(chunks: int, slots: int, j):
   """The slot (0 .. slots - 1) at which chunk j of `chunks` <= slots runs: evenly spread."""
   return (j * slots) // chunks

@@ -22,6 +22,7 @@ are the plain tiling.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -41,6 +42,11 @@ Array = jax.Array
 BINARY_SPECTRA_MAX = 1 << 15  # spectra_max_size='auto' with base 2
 VECTORISED_SQUARES_MAX = 64  # ring levels up to this block size add their squares at once
 DIRECT_TAPS_MAX = 4096  # `prepare` lays out the taps of direct levels with windows up to this
+SPREAD_UNIT = 64  # smoothed: a level above the bridge runs at most one chunk of a block per
+                  # this many positions (16K, 8 x 256: 1.16x the plain total; 32: 1.21x; one
+                  # per tile of 16 positions: 1.36-1.44x; WORKSPACE.md)
+PADDED_WINDOW_MAX_BYTES = 1 << 24  # smoothed levels keep a zero-padded transform input of at
+                                   # most this size in the state (`FlashState.padded_windows`)
 SMOOTHED_ABOVE = 16  # smooth=True spreads the FFT levels larger than this: at 16K (8 x 256,
                      # base 4) the bridge level's events then stay within 5x the median token
                      # (above 64: 11.5x; WORKSPACE.md)
@@ -81,6 +87,11 @@ class FlashState(NamedTuple):
   input_spectra: dict[int, Array] = {}  # {U: (distances - 1, S, B, D, U + 1) complex64}:
                          # per ring level with base > 2, the spectra of the current group's
                          # completed input blocks q = 0 .. distances - 2 (slot q)
+  padded_windows: dict[int, Array] = {}  # {U: (S', B, D', 2U) float32} per smoothed level:
+                         # the forward transform's input for one chunk (or group) of its
+                         # streams and channels (`smoothed_shape`), the input block then U
+                         # zeros; only the first half is ever written. A window zero-padded
+                         # afresh (an XLA pad fusion) cost 1.6x the copy into this buffer
 
 
 class Layout(NamedTuple):
@@ -211,7 +222,8 @@ class Flash(base.MixingStrategy):
 
   def state_layout(self, state: FlashState) -> FlashState:
     return FlashState(*(sharding.STATES,) * 4, sharding.TIME_MAJOR, sharding.TIME_MAJOR,
-                      {size: sharding.TIME_MAJOR for size in state.input_spectra})
+                      {size: sharding.TIME_MAJOR for size in state.input_spectra},
+                      {size: sharding.STATES for size in state.padded_windows})
 
   def layout(self, num_steps: int) -> Layout:
     """Which levels run on the rings: the largest ones that all run by FFT."""
@@ -262,9 +274,27 @@ class Flash(base.MixingStrategy):
                                  plan.size(k) + 1), jnp.complex64)
         for k in range(plan.num_levels)
         if layout.on_ring(k) and self.spectrum_slots(layout, k) > 0}
+    padded_shapes = {plan.size(k): self.smoothed_shape(layout, k, streams, batch, width)
+                     + (2 * plan.size(k),)
+                     for k in range(plan.num_levels) if layout.smoothed(k)}
+    padded_windows = {size: jnp.zeros(shape, jnp.float32)
+                      for size, shape in padded_shapes.items()
+                      if 4 * math.prod(shape) <= PADDED_WINDOW_MAX_BYTES}
     return FlashState(channel_major(layout.ring), channel_major(layout.ring),
                       channel_major(layout.staged), channel_major(layout.staged), *prompt_state,
-                      input_spectra)
+                      input_spectra, padded_windows)
+
+  def smoothed_shape(self, layout: Layout, level: int, streams: int, batch: int, width: int
+                     ) -> tuple[int, int, int]:
+    """(S', B, D') of the streams and channels a smoothed level transforms at once: a chunk
+    (`smooth_chunks`) above the bridge level, a group of its event (`group_shape`) at it."""
+    size = layout.plan.size(level)
+    if size > layout.bridge:
+      group_streams, chunk, _ = self.smooth_chunks(size // self.spread_unit(layout), streams,
+                                                   batch, width)
+    else:
+      group_streams, chunk = self.group_shape(size, streams, batch, width)
+    return group_streams, batch, chunk
 
   def pending(self, tables: FlashTables, state: FlashState, r) -> Array:
     staged = state.staged_outputs.shape[-1]
@@ -467,8 +497,8 @@ class Flash(base.MixingStrategy):
       return state
 
     # one guard for all levels (a loop of zero trips still costs microseconds)
-    return lax.fori_loop(0, jnp.any(i % layout.tile == phases).astype(jnp.int32), spread,
-                         state)
+    unit = self.spread_unit(layout)
+    return lax.fori_loop(0, jnp.any(i % unit == phases).astype(jnp.int32), spread, state)
 
   def bridge_event(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
                    end) -> FlashState:
@@ -490,29 +520,38 @@ class Flash(base.MixingStrategy):
     return [k for k in range(plan.num_levels)
             if layout.smoothed(k) and plan.size(k) > layout.bridge]
 
+  def spread_unit(self, layout: Layout) -> int:
+    """Positions per chunk slot of the levels above the bridge (a block of U spreads its chunks
+    over U / unit slots, one each at most): SPREAD_UNIT, or the smallest such block if
+    smaller. It sets the chunks' size, hence the largest token's latency, and their number."""
+    smallest = min(layout.plan.size(k) for k in self.spread_levels(layout))
+    return min(SPREAD_UNIT, smallest)
+
   def spread_phase(self, layout: Layout, level: int) -> int:
-    """The step inside each tile (1 .. tile - 1; 0 for tiles of one step) at which a level
-    above the bridge runs its chunks: the levels' phases spread over the tile."""
-    levels, tile = self.spread_levels(layout), layout.tile
-    return 1 + levels.index(level) * (tile - 1) // len(levels) if tile > 1 else 0
+    """The step inside each unit (`spread_unit`) at which a level above the bridge runs its
+    chunks: the levels' phases spread over the unit's steps that end no tile (all of them
+    when every step ends one)."""
+    levels, unit, tile = self.spread_levels(layout), self.spread_unit(layout), layout.tile
+    free = [p for p in range(1, unit) if p % tile] or list(range(unit))
+    return free[levels.index(level) * len(free) // len(levels)]
 
   def spread_chunk(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
                    i) -> FlashState:
     """A level above the bridge after the step i - 1: the chunk of streams and channels (if
     any) that this step carries of output block T = i // U + 1, whose inputs (up to block
     T - 2) are in the rings since the tile end (T - 1)U. The chunks of a block are spread over
-    its window [(T - 1)U, TU), one per tile of it at most, each level at its own phase inside
-    the tile (`schedule.smoothed_events`), so that no step carries two levels' chunks and the
-    tile ends none."""
-    plan, tile = layout.plan, layout.tile
+    its window [(T - 1)U, TU), one per `spread_unit` positions at most, each level at its own
+    phase inside the unit (`schedule.smoothed_events` with the unit as its tile), so that no
+    step carries two levels' chunks and no tile end carries one."""
+    plan, unit = layout.plan, self.spread_unit(layout)
     size = plan.size(level)
     shape = state.staged_inputs.shape[:3]
-    tiles = size // tile
-    group_streams, chunk, count = self.smooth_chunks(tiles, *shape)
+    slots = size // unit
+    group_streams, chunk, count = self.smooth_chunks(slots, *shape)
     offset = i % size - self.spread_phase(layout, level)
-    j = schedule.chunk_at(count, tiles, offset // tile)
+    j = schedule.chunk_at(count, slots, offset // unit)
     block = i // size + 1
-    runs = ((offset >= 0) & (offset % tile == 0) & (j < count) & (block >= 2)
+    runs = ((offset >= 0) & (offset % unit == 0) & (j < count) & (block >= 2)
             & (block * size < plan.num_steps))
     per_stream = shape[2] // chunk
 
@@ -528,18 +567,18 @@ class Flash(base.MixingStrategy):
     return lax.fori_loop(0, runs.astype(jnp.int32), run_chunk, state)
 
   @staticmethod
-  def smooth_chunks(tiles: int, streams: int, batch: int, width: int
+  def smooth_chunks(slots: int, streams: int, batch: int, width: int
                     ) -> tuple[int, int, int]:
     """(streams, channels, count) of the chunks a smoothed level spreads a block over: the
-    most chunks, at most one per tile of the block (whole streams first, then the smallest
-    share of a stream's channels that divides its width)."""
+    most chunks, at most one per slot (`spread_unit`) of the block (whole streams first, then
+    the smallest share of a stream's channels that divides its width)."""
     del batch  # every chunk holds every batch row
-    if streams >= tiles:
+    if streams >= slots:
       group = next(g for g in range(1, streams + 1)
-                   if streams % g == 0 and streams // g <= tiles)
+                   if streams % g == 0 and streams // g <= slots)
       return group, width, streams // group
     chunk = next(c for c in range(1, width + 1)
-                 if width % c == 0 and streams * (width // c) <= tiles)
+                 if width % c == 0 and streams * (width // c) <= slots)
     return 1, chunk, streams * (width // chunk)
 
   def smoothed_block(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
@@ -554,28 +593,48 @@ class Flash(base.MixingStrategy):
     newest = block - delay
     window = lax.dynamic_slice(state.inputs, (s, 0, c, (newest * size) % ring),
                                shape + (size,))
-    x = blocks_lib.input_spectrum(window)  # (S', B, D', U + 1)
+    x, state = self._input_spectrum(state, window)  # (S', B, D', U + 1)
     spectra = state.input_spectra[size]
     slots = spectra.shape[0]
     at = lambda q: (q % slots, s, 0, c, 0)
     spectra = lax.dynamic_update_slice(spectra, x[None], at(newest))
 
-    def add_square(q, product):  # input block q against the output block
-      earlier = lax.dynamic_slice(spectra, at(q), (1,) + shape + (size + 1,))[0]
-      return product + earlier * self._window_spectrum(tables, size, block - q, s, c, shape)
+    square = lambda q, distance: lax.dynamic_slice(  # input block q's share of the product
+        spectra, at(q), (1,) + shape + (size + 1,))[0] * self._window_spectrum(
+            tables, size, distance, s, c, shape)
 
     first = jnp.maximum(schedule.smoothed_first_source(plan.base, block), 0)
-    # a loop over the sources, also for small blocks: all slots at once, masked, computed
-    # 8 products where 5.5 were due and gathered their windows (1.46x the plain schedule's
-    # time at 16K vs 1.30x)
     product = x * self._window_spectrum(tables, size, delay, s, c, shape)
-    product = lax.fori_loop(first, newest, add_square, product)
+    if size in tables.spectra:
+      # One pass over the sources, not a loop (which read and wrote the product once per source:
+      # the products are bound by memory traffic): as many terms as the most sources an output
+      # block has, each masked when this one has fewer. A masked term reads the newest block's
+      # spectrum and window again, which the first product left in cache.
+      for p in range(schedule.smoothed_sources(plan.base, delay)):
+        q = first + p
+        valid = q < newest
+        product = product + jnp.where(valid, square(jnp.where(valid, q, newest),
+                                                    jnp.where(valid, block - q, delay)), 0)
+    else:  # windows transformed here: only the due ones
+      product = lax.fori_loop(first, newest, lambda q, out: out + square(q, block - q), product)
     out = blocks_lib.outputs_from_spectrum(product, size)
     target = (s, 0, c, (block * size) % ring)
     current = lax.dynamic_slice(state.outputs, target, out.shape)
     return state._replace(
         outputs=lax.dynamic_update_slice(state.outputs, current + out, target),
         input_spectra={**state.input_spectra, size: spectra})
+
+  @staticmethod
+  def _input_spectrum(state: FlashState, window: Array) -> tuple[Array, FlashState]:
+    """`blocks.input_spectrum` of a smoothed level's input block (S', B, D', U), through the
+    level's `padded_windows` buffer when it has one of this shape."""
+    size = window.shape[-1]
+    padded = state.padded_windows.get(size)
+    if padded is None or padded.shape[:3] != window.shape[:3]:
+      return blocks_lib.input_spectrum(window), state
+    padded = lax.dynamic_update_slice_in_dim(padded, window, 0, axis=3)
+    return jnp.fft.rfft(padded), state._replace(
+        padded_windows={**state.padded_windows, size: padded})
 
   def _window_spectrum(self, tables: FlashTables, size: int, distance, s, c, shape) -> Array:
     """The spectrum of the filter window of block distance `distance` (taps
