@@ -23,7 +23,9 @@ host callbacks in either:
   dispatch and the API's own host work included. --passes passes after one warm-up pass; per
   position the median.
 - in_loop: the compiled generation's total time (one call over every position, no dispatch),
-  split by block size: each size's blocks are timed apart (all blocks of that size in one
+  the variants' programs timed side by side in --repeats rounds (each round runs every
+  variant once, in a rotated order; the ratio to the first variant is the median of the
+  per-round ratios). With base 2 unsmoothed it is split by block size: each size's blocks are timed apart (all blocks of that size in one
   compiled loop, `lib.blocks.time_in_loop`: `lcsm_jax.decoding.blocks.apply_block` with the
   run's own `BlockConfig` and precomputed spectra where the run has them; blocks that flash runs
   in groups are timed whole), the rest is the per-position step cost s, so a position's in-loop
@@ -47,7 +49,6 @@ import numpy as np
 from experiments.lib import blocks as block_timing
 from experiments.lib import flags as flags_lib
 from experiments.lib import plots
-from experiments.lib import sampling as sampling_lib
 from experiments.lib import store as store_lib
 from experiments.lib.workloads import Workload
 from lcsm_jax.decoding import EngineOptions
@@ -171,20 +172,53 @@ def _stats(x) -> dict:
           "argmax_position": int(np.argmax(x)) + 1}
 
 
+def in_loop_totals(work: Workload, params, length: int, options: dict[str, EngineOptions],
+                   repeats: int) -> dict[str, dict]:
+  """Each variant's compiled run over positions [1, L), timed side by side: every program
+  compiled and run once first, then `repeats` rounds, each running every variant once in an
+  order rotated from round to round (this machine's speed drifts by tens of percent within
+  minutes). Per variant: the median round (total_seconds), every round, and the ratio to the
+  first variant: the median of the per-round ratios (vs_first) and each of them."""
+  programs = {name: work.program(params, "flash", length, 1, opts)
+              for name, opts in options.items()}
+  for program in programs.values():
+    jax.block_until_ready(program.run())
+  names = list(programs)
+  rounds = {name: [] for name in names}
+  for r in range(repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      start = time.perf_counter()
+      jax.block_until_ready(programs[name].run())
+      rounds[name].append(time.perf_counter() - start)
+  out = {}
+  for name in names:
+    ratios = [a / b for a, b in zip(rounds[name], rounds[names[0]])]
+    out[name] = {"total_seconds": float(np.median(rounds[name])),
+                 "rounds_seconds": rounds[name], "vs_first": float(np.median(ratios)),
+                 "vs_first_per_round": ratios,
+                 "compile_seconds": programs[name].compile_seconds}
+    logging.info("%s: in-loop total %.3f s (median of %d rounds), %.3fx the first (rounds "
+                 "%.3f .. %.3f)", name, out[name]["total_seconds"], repeats,
+                 out[name]["vs_first"], min(ratios), max(ratios))
+  return out
+
+
 def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
              smooth=(False,)) -> dict:
   num_steps = length - 1
   params = work.params()
   sizes = lowbits(num_steps, base)
   variants, measured_by_variant, model = {}, {}, None
+  totals = in_loop_totals(work, params, length,
+                          {variant_name(v): EngineOptions(tau=tau, base=base, smooth=v)
+                           for v in smooth}, repeats)
   for value in smooth:
     name = variant_name(value)
     options = EngineOptions(tau=tau, base=base, smooth=value)
     # measured: single positions through the public API
     measured = single_positions(work, params, length, options, passes)
     measured_by_variant[name] = measured
-    # in_loop: the compiled run's total
-    total = sampling_lib.measure_strategy(work, params, "flash", length, options, repeats)
+    total = totals[name]
     per_class = {}
     for u in sorted(set(sizes.tolist())):
       mask = sizes == u
@@ -198,7 +232,8 @@ def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
         "measured_total_seconds": float(measured.sum()),
         "in_loop": {"total_seconds": total["total_seconds"],
                     "mean_seconds": total["total_seconds"] / num_steps,
-                    "compile_seconds": total.get("compile_seconds")},
+                    "rounds_seconds": total["rounds_seconds"],
+                    "compile_seconds": total["compile_seconds"]},
         "per_block_size": per_class,
         "spikes": [{"position": int(r) + 1, "block_size": int(sizes[r]),
                     "seconds": float(measured[r])} for r in top],
@@ -219,9 +254,8 @@ def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
       entry["dispatch_overhead_seconds"] = (float(np.median(measured[odd])
                                                   - np.median(model[odd]))
                                             if odd.any() else None)
-    first = next(iter(variants.values()), entry)
-    entry["in_loop_total_vs_first"] = (entry["in_loop"]["total_seconds"]
-                                       / first["in_loop"]["total_seconds"])
+    entry["in_loop_total_vs_first"] = total["vs_first"]
+    entry["in_loop_total_vs_first_per_round"] = total["vs_first_per_round"]
     variants[name] = entry
     logging.info("%s: median %.1f us, p99 %.1f us, max %.1f us at position %d (%.1fx the "
                  "median); in-loop total %.3f s (%.2fx the first)", name,

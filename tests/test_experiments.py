@@ -273,6 +273,11 @@ def test_latency_compares_smoothing_side_by_side(tmp_path):
   assert list(summary["variants"]) == ["plain", "smoothed_above_1"]
   smoothed = summary["variants"]["smoothed_above_1"]
   assert smoothed["in_loop_total_vs_first"] > 0 and "model" not in smoothed["in_loop"]
+  plain = summary["variants"]["plain"]
+  rounds = [s / p for s, p in zip(smoothed["in_loop"]["rounds_seconds"],
+                                  plain["in_loop"]["rounds_seconds"])]
+  assert smoothed["in_loop_total_vs_first_per_round"] == pytest.approx(rounds)
+  assert smoothed["in_loop_total_vs_first"] == pytest.approx(float(np.median(rounds)))
   assert smoothed["per_block_size"]["16"]["positions"] == 3   # 16, 32, 48 (64: class 64)
   assert smoothed["per_block_size"]["64"]["positions"] == 1
   rows = list(csv_rows(out.with_suffix(".csv")))
