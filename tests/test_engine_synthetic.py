@@ -265,3 +265,22 @@ def test_session_releases_the_taps_its_tables_supply(strategy, drops):
   gc.collect()
   assert (taps() is None) is drops
   check_rollout(stack, reference, prompt, 35, jnp.concatenate([outputs, rest], axis=1))
+
+
+@pytest.mark.parametrize("base", [2, 4, 8])
+def test_unresolved_tables_hold_the_direct_taps_of_every_auto_tau(base):
+  """A session's tables are made before tau='auto' is resolved (one per batch size): their
+  direct-level taps must cover the windows of any tau it may resolve to, else every call
+  slices them from the taps again (XLA hoists that out of the token loop)."""
+  from lcsm_jax.tuning import crossover as crossover_lib
+  taps = jnp.ones((5000, 2, 3), jnp.float32)
+  options = decoding.EngineOptions(base=base)
+  head = lambda flash: flash._direct_taps_table(taps).shape[-1] // 2
+  unresolved = head(Flash(options))
+  assert unresolved > 0
+  for crossover in (1, 2, 4, 16, 64, 200, crossover_lib.MAX_DIRECT_SIZE):
+    resolved = Flash(options, crossover=crossover)
+    plan, config = resolved.plan(5000), resolved.block_config(5000)
+    windows = [plan.direct_window(k) + plan.size(k) for k in range(plan.num_levels)
+               if config.method(plan.size(k)) == "direct"]
+    assert max(windows, default=0) <= unresolved, crossover
