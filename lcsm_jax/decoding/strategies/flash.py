@@ -513,8 +513,15 @@ class Flash(base.MixingStrategy):
     size = layout.plan.size(level)
 
     def run_block(trip, state):
-      compute = lambda st, s, c, group: self.smoothed_block(
-          layout, tables, st, level, end // size + trip, 1, s, c, group)
+      def compute(st, s, c, group):
+        newest = None
+        if size == layout.staged:  # the block just completed is the staging buffer: read it
+          # there (contiguous) rather than from the ring (U-float pieces of long rows, which
+          # XLA copied at ~2 ns a float); scaled by 1 + trip so that it is not hoisted
+          newest = lax.dynamic_slice(st.staged_inputs, (s, 0, c, 0), group + (size,)) * (
+              jnp.asarray(1 + trip, jnp.float32))
+        return self.smoothed_block(layout, tables, st, level, end // size + trip, 1, s, c,
+                                   group, newest)
       return self._groups(size, state.staged_inputs.shape[:3], compute, state)
 
     return lax.fori_loop(0, (end % size == 0).astype(jnp.int32), run_block, state)
@@ -588,17 +595,21 @@ class Flash(base.MixingStrategy):
     return 1, chunk, streams * (width // chunk)
 
   def smoothed_block(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
-                     block, delay: int, s, c, shape) -> FlashState:
+                     block, delay: int, s, c, shape, newest_inputs: Array | None = None
+                     ) -> FlashState:
     """Adds to output block `block` of a smoothed ring level (positions [block U, block U + U),
     for the streams and channels of one chunk) the products of its input blocks from the
     start of the group before its own to block - delay: transforms the newest, block - delay,
-    read from the ring, and keeps its spectrum in slot (block - delay) mod slots for the later
-    output blocks; the older ones are in their slots already."""
+    read from the ring (or given: `newest_inputs`, (S', B, D', U)), and keeps its spectrum in
+    slot (block - delay) mod slots for the later output blocks; the older ones are in their
+    slots already."""
     plan, ring = layout.plan, layout.ring
     size = plan.size(level)
     newest = block - delay
-    window = lax.dynamic_slice(state.inputs, (s, 0, c, (newest * size) % ring),
-                               shape + (size,))
+    window = newest_inputs
+    if window is None:
+      window = lax.dynamic_slice(state.inputs, (s, 0, c, (newest * size) % ring),
+                                 shape + (size,))
     x, state = self._input_spectrum(state, window)  # (S', B, D', U + 1)
     spectra = state.input_spectra[size]
     slots = spectra.shape[0]
