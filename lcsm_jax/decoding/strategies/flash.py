@@ -43,8 +43,8 @@ BINARY_SPECTRA_MAX = 1 << 15  # spectra_max_size='auto' with base 2
 VECTORISED_SQUARES_MAX = 64  # ring levels up to this block size add their squares at once
 DIRECT_TAPS_MAX = 4096  # `prepare` lays out the taps of direct levels with windows up to this
 SPREAD_UNIT = 64  # smoothed: a level above the bridge runs at most one chunk of a block per
-                  # this many positions (16K, 8 x 256: 1.16x the plain total; 32: 1.21x; one
-                  # per tile of 16 positions: 1.36-1.44x; WORKSPACE.md)
+                  # this many positions (16K, 8 x 256, base 4, tile 64: 1.16x the plain total,
+                  # 32: 1.21x; tile 16: 1.22-1.36x, one per tile: 1.44x; WORKSPACE.md)
 PADDED_WINDOW_MAX_BYTES = 1 << 24  # smoothed levels keep a zero-padded transform input of at
                                    # most this size in the state (`FlashState.padded_windows`)
 SMOOTHED_ABOVE = 16  # smooth=True spreads the FFT levels larger than this: at 16K (8 x 256,
