@@ -13,6 +13,7 @@ from lcsm_jax import decoding
 from lcsm_jax.decoding.strategies import Flash
 from lcsm_jax.models.conv_stack import ConvStack
 from lcsm_jax.convolution import causal_conv_numpy
+from lcsm_jax.tuning import crossover as crossover_lib
 
 STRATEGIES = ["flash", "lazy", "eager", "recompute"]
 

@@ -36,6 +36,7 @@ from lcsm_jax.decoding import sharding
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.decoding.strategies import base
 from lcsm_jax.models.interface import Prefill
+from lcsm_jax.tuning import crossover as crossover_lib
 
 Array = jax.Array
 
@@ -204,7 +205,6 @@ class Flash(base.MixingStrategy):
     XLA computed it at every call (0.4 ms of a one-token call at 16K, 8 x 256)."""
     flash = self
     if self.tau == "auto":
-      from lcsm_jax.tuning import crossover as crossover_lib  # pylint: disable=g-import-not-at-top
       flash = dataclasses.replace(self, crossover=crossover_lib.MAX_DIRECT_SIZE)
     windows = [0]
     if flash.tau != "auto":
