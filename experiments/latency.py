@@ -25,11 +25,11 @@ host callbacks in either:
 - in_loop: the compiled generation's total time (one call over every position, no dispatch),
   the variants' programs timed side by side in --repeats rounds (each round runs every
   variant once, in a rotated order; the ratio to the first variant is the median of the
-  per-round ratios). With base 2 unsmoothed it is split by block size: each size's blocks are timed apart (all blocks of that size in one
-  compiled loop, `lib.blocks.time_in_loop`: `lcsm_jax.decoding.blocks.apply_block` with the
-  run's own `BlockConfig` and precomputed spectra where the run has them; blocks that flash runs
-  in groups are timed whole), the rest is the per-position step cost s, so a position's in-loop
-  latency is s + c(lowbit(i)).
+  per-round ratios). With base 2 unsmoothed it is split by block size: each size's blocks are
+  timed apart (all blocks of that size in one compiled loop, `lib.blocks.time_in_loop`:
+  `lcsm_jax.decoding.blocks.apply_block` with the run's own `BlockConfig` and precomputed
+  spectra where the run has them; blocks that flash runs in groups are timed whole), the rest
+  is the per-position step cost s, so a position's in-loop latency is s + c(lowbit(i)).
 
 Writes --out (JSON: summary statistics, per-class table, the largest spikes), a CSV of every
 position (position, U, measured seconds, in-loop model seconds) and a PNG (latency vs position;
