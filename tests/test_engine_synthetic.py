@@ -227,6 +227,7 @@ def test_smoothed_rollout_resumes_call_by_call():
   # the smoothed levels' transform inputs: written in their first half only
   padded = state.engine.strategy.padded_windows
   assert sorted(padded) == [4, 16, 64]
+  assert sorted(state.engine.strategy.bridge_products) == [4]  # the bridge level
   for size, buffer in padded.items():
     assert buffer.shape[-1] == 2 * size
     assert not np.any(np.asarray(buffer[..., size:])), size
@@ -244,6 +245,10 @@ def test_spread_chunks_fall_on_distinct_steps_off_the_tile_ends(tau, length):
   assert len(set(phases)) == len(phases) and all(0 <= p < unit for p in phases)
   if tile > 1:
     assert all(p % tile for p in phases)
+    # the bridge level's older products: a step of their own, off the tile ends
+    bridge_phase = Flash.bridge_phase(layout)
+    assert 0 < bridge_phase < layout.bridge and bridge_phase % tile
+    assert all(p % layout.bridge != bridge_phase for p in phases)
 
 
 

@@ -123,7 +123,7 @@ def test_invalid_plans_are_rejected():
       schedule.FlashPlan(10, base)
 
 
-def _check_smoothed(plan, bridge_level, tile, chunks, phase):
+def _check_smoothed(plan, bridge_level, tile, chunks, phase, bridge_phase=None):
   """The smoothed schedule covers every pair once, reads only finished inputs, writes only
   future outputs (a step ahead above the bridge level), runs every chunk of every block once,
   and fits rings of twice the largest block."""
@@ -137,11 +137,15 @@ def _check_smoothed(plan, bridge_level, tile, chunks, phase):
         for t in outputs:
           cover[(s, t)] = cover.get((s, t), 0) + 1
   chunks_run, most_older = {}, {}
+  bridge = plan.size(bridge_level)
   for time, level, inputs, outputs, j in schedule.smoothed_events(plan, bridge_level, tile,
-                                                                  chunks, phase):
+                                                                  chunks, phase, bridge_phase):
     assert 0 < time < m
+    early = level == bridge_level and time % bridge != 0  # the bridge's older input blocks
     if level == bridge_level:
-      assert time % plan.size(level) == 0
+      assert time % bridge in (0, bridge_phase)
+      if bridge_phase is not None and not early:
+        assert len(inputs) == bridge, "only the newest input block at the block's start"
     assert inputs.stop <= time, "inputs complete before the work"
     assert outputs.start >= time + (level > bridge_level), "outputs still pending"
     if level > bridge_level:  # inputs complete at a tile end, outputs staged at one
@@ -152,7 +156,7 @@ def _check_smoothed(plan, bridge_level, tile, chunks, phase):
             <= schedule.smoothed_distances(plan, level))
     # the engine's one-pass product has a term for each input block but the newest
     delay = 1 if level == bridge_level else 2
-    older = len(inputs) // plan.size(level) - 1
+    older = len(inputs) // plan.size(level) - (not early)
     most_older[delay] = max(most_older.get(delay, 0), older)
     assert older <= schedule.smoothed_sources(b, delay)
     chunks_run.setdefault((level, outputs.start), []).append(j)
@@ -163,8 +167,10 @@ def _check_smoothed(plan, bridge_level, tile, chunks, phase):
   if m > 4 * b * plan.size(bridge_level + 1):  # a last block of a group, a group after it
     assert most_older == {1: schedule.smoothed_sources(b, 1), 2: schedule.smoothed_sources(b, 2)}
   for (level, _), ids in chunks_run.items():
-    expected = 1 if level == bridge_level else chunks(level)
-    assert sorted(ids) == list(range(expected))
+    if level == bridge_level:  # whole, or its older input blocks apart
+      assert set(ids) == {0} and len(ids) <= 1 + (bridge_phase is not None)
+    else:
+      assert sorted(ids) == list(range(chunks(level)))
   pairs = {(s, t) for s in range(m) for t in range(s + 1, m)}
   assert set(cover) == pairs
   assert all(count == 1 for count in cover.values()), "a pair was covered twice"
@@ -182,6 +188,9 @@ def test_smoothed_schedule_covers_every_pair_once(base, num_steps):
         count = lambda level: min(chunks or slots(level), slots(level))
         phase = lambda level: (level * 3) % tile
         _check_smoothed(plan, bridge_level, tile, count, phase)
+        bridge = plan.size(bridge_level)
+        for bridge_phase in sorted({1, bridge // 2, bridge - 1} - {0, bridge}):
+          _check_smoothed(plan, bridge_level, tile, count, phase, bridge_phase)
 
 
 def test_chunk_at_inverts_spread_slot():

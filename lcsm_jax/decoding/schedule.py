@@ -34,7 +34,7 @@ above a bridge level k0 a block of slack: level k > k0 covers the pairs whose le
 are at least 2 apart (output block T from input blocks S <= T - 2) and whose level-(k + 1)
 blocks are at most 1 apart (S from the start of the group before T's); the bridge level
 covers the same pairs at distance 1 as well (its squares next to the diagonal, due at once
-but small); the levels below it are the tiling above, inside each of its blocks. Every pair
+but small; the engine adds its older input blocks' squares a block early, `bridge_phase`); the levels below it are the tiling above, inside each of its blocks. Every pair
 is covered once: the block distance d_k = T_k - S_k does not grow with k, and the pair falls
 to the largest k with d_k >= 2 (or to the bridge level when d_k0 = 1, or below it when
 d_k0 = 0). Output block T of a level above the bridge needs only inputs complete at
@@ -229,14 +229,17 @@ def chunk_at(chunks: int, slots: int, e):
 
 
 def smoothed_events(plan: FlashPlan, bridge_level: int, tile: int | None = None,
-                    chunks=lambda level: 1, phase=lambda level: 0) -> list[tuple]:
+                    chunks=lambda level: 1, phase=lambda level: 0,
+                    bridge_phase: int | None = None) -> list[tuple]:
   """The smoothed schedule's work at and above `bridge_level`, in order: (time, level, inputs,
   outputs, chunk): the work after the step time - 1 adds the pairs inputs x outputs for chunk
   `chunk` of `chunks(level)` of the channels. The bridge level works at the end of each of
   its blocks; a level above it spreads output block T over [(T - 1)U, TU): chunk j at
   (T - 1)U + spread_slot(chunks, U / tile, j) tile + phase(level) (phase < tile, so that the
-  levels' chunks fall on different steps). The levels below the bridge level are
-  `simulate(plan)`'s events of those levels."""
+  levels' chunks fall on different steps). With `bridge_phase` (0 < bridge_phase < U), the
+  bridge level adds the pairs of output block T with its older input blocks (all but T - 1)
+  a block early, at (T - 1)U + bridge_phase, and only the newest at TU. The levels below the
+  bridge level are `simulate(plan)`'s events of those levels."""
   b, m = plan.base, plan.num_steps
   bridge = plan.size(bridge_level)
   tile = tile or bridge
@@ -245,6 +248,13 @@ def smoothed_events(plan: FlashPlan, bridge_level: int, tile: int | None = None,
     for level in range(bridge_level, plan.num_levels):
       size = plan.size(level)
       if level == bridge_level:
+        if bridge_phase is not None and time % size == bridge_phase:
+          block = time // size + 1  # its older input blocks, a block early
+          first = max(smoothed_first_source(b, block), 0)
+          if block >= 2 and block * size < m:
+            events.append((time, level, range(first * size, (block - 1) * size),
+                           range(block * size, min((block + 1) * size, m)), 0))
+          continue
         if time % size:
           continue
         block, delay, chunk_ids = time // size, 1, [0]
@@ -260,6 +270,8 @@ def smoothed_events(plan: FlashPlan, bridge_level: int, tile: int | None = None,
       if block * size >= m or block < delay:
         continue
       first = max(smoothed_first_source(b, block), 0)
+      if level == bridge_level and bridge_phase is not None:
+        first = block - 1  # the older input blocks came a block early
       inputs = range(first * size, (block - delay + 1) * size)
       outputs = range(block * size, min((block + 1) * size, m))
       events.extend((time, level, inputs, outputs, j) for j in chunk_ids)

@@ -13,9 +13,10 @@ streams, batch rows and channels of an event are one batched computation.
 With `EngineOptions.smooth`, the FFT levels above SMOOTHED_ABOVE positions (or above
 `smooth`) follow the smoothed schedule (`schedule.smoothed_events`): the bridge level (the
 largest FFT level up to that size, or the smallest FFT level) adds the squares of its output
-block from up to 2b - 1 earlier blocks at once, and every larger level's output block, due a
-block after its inputs complete, is computed in chunks of streams and channels spread over
-the steps before it (`spread_chunk`, `smoothed_block`). The levels below the bridge level
+block with the newest input block at the block's start (`bridge_event`) and those with the
+up to 2b - 2 older ones a block early (`bridge_older`), and every larger level's output
+block, due a block after its inputs complete, is computed in chunks of streams and channels
+spread over the steps before it (`spread_chunk`, `smoothed_block`). The levels below the bridge level
 are the plain tiling.
 """
 
@@ -93,6 +94,9 @@ class FlashState(NamedTuple):
                          # streams and channels (`smoothed_shape`), the input block then U
                          # zeros; only the first half is ever written. A window zero-padded
                          # afresh (an XLA pad fusion) cost 1.6x the copy into this buffer
+  bridge_products: dict[int, Array] = {}  # {U: (S, B, D, U + 1) complex64} at the bridge level
+                         # (`Flash.bridge_phase`): the products of its next output block's
+                         # older input blocks, added a block early (`bridge_older`)
 
 
 class Layout(NamedTuple):
@@ -229,7 +233,8 @@ class Flash(base.MixingStrategy):
   def state_layout(self, state: FlashState) -> FlashState:
     return FlashState(*(sharding.STATES,) * 4, sharding.TIME_MAJOR, sharding.TIME_MAJOR,
                       {size: sharding.TIME_MAJOR for size in state.input_spectra},
-                      {size: sharding.STATES for size in state.padded_windows})
+                      {size: sharding.STATES for size in state.padded_windows},
+                      {size: sharding.STATES for size in state.bridge_products})
 
   def layout(self, num_steps: int) -> Layout:
     """Which levels run on the rings: the largest ones that all run by FFT."""
@@ -286,9 +291,13 @@ class Flash(base.MixingStrategy):
     padded_windows = {size: jnp.zeros(shape, jnp.float32)
                       for size, shape in padded_shapes.items()
                       if 4 * math.prod(shape) <= PADDED_WINDOW_MAX_BYTES}
+    bridge_products = {}
+    if self.bridge_phase(layout) is not None:
+      bridge_products[layout.bridge] = jnp.zeros((streams, batch, width, layout.bridge + 1),
+                                                 jnp.complex64)
     return FlashState(channel_major(layout.ring), channel_major(layout.ring),
                       channel_major(layout.staged), channel_major(layout.staged), *prompt_state,
-                      input_spectra, padded_windows)
+                      input_spectra, padded_windows, bridge_products)
 
   def smoothed_shape(self, layout: Layout, level: int, streams: int, batch: int, width: int
                      ) -> tuple[int, int, int]:
@@ -496,15 +505,20 @@ class Flash(base.MixingStrategy):
     if not levels:
       return state
     phases = jnp.asarray([self.spread_phase(layout, level) for level in levels])
+    bridge_phase = self.bridge_phase(layout)
 
     def spread(trip, state):
+      if bridge_phase is not None:
+        state = self.bridge_older(layout, tables, state, i + trip)
       for level in levels:
         state = self.spread_chunk(layout, tables, state, level, i + trip)
       return state
 
     # one guard for all levels (a loop of zero trips still costs microseconds)
-    unit = self.spread_unit(layout)
-    return lax.fori_loop(0, jnp.any(i % unit == phases).astype(jnp.int32), spread, state)
+    due = jnp.any(i % self.spread_unit(layout) == phases)
+    if bridge_phase is not None:
+      due = due | (i % layout.bridge == bridge_phase)
+    return lax.fori_loop(0, due.astype(jnp.int32), spread, state)
 
   def bridge_event(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
                    end) -> FlashState:
@@ -514,6 +528,9 @@ class Flash(base.MixingStrategy):
 
     def run_block(trip, state):
       def compute(st, s, c, group):
+        older = st.bridge_products.get(size)
+        if older is not None:  # added a block early (`bridge_older`)
+          older = lax.dynamic_slice(older, (s, 0, c, 0), group + (size + 1,))
         newest = None
         if size == layout.staged:  # the block just completed is the staging buffer: read it
           # there (contiguous) rather than from the ring (U-float pieces of long rows, which
@@ -521,7 +538,7 @@ class Flash(base.MixingStrategy):
           newest = lax.dynamic_slice(st.staged_inputs, (s, 0, c, 0), group + (size,)) * (
               jnp.asarray(1 + trip, jnp.float32))
         return self.smoothed_block(layout, tables, st, level, end // size + trip, 1, s, c,
-                                   group, newest)
+                                   group, newest, older)
       return self._groups(size, state.staged_inputs.shape[:3], compute, state)
 
     return lax.fori_loop(0, (end % size == 0).astype(jnp.int32), run_block, state)
@@ -540,12 +557,24 @@ class Flash(base.MixingStrategy):
     smallest = min(layout.plan.size(k) for k in self.spread_levels(layout))
     return min(SPREAD_UNIT, smallest)
 
+  @staticmethod
+  def bridge_phase(layout: Layout) -> int | None:
+    """The step inside each bridge-level block after which the bridge level adds the products
+    of its next output block's older input blocks (`bridge_older`): the first that ends no
+    tile. None (everything at the block's start) without smoothing or when every step ends a
+    tile."""
+    if layout.bridge is None:
+      return None
+    return next((p for p in range(1, layout.bridge) if p % layout.tile), None)
+
   def spread_phase(self, layout: Layout, level: int) -> int:
     """The step inside each unit (`spread_unit`) at which a level above the bridge runs its
-    chunks: the levels' phases spread over the unit's steps that end no tile (all of them
-    when every step ends one)."""
+    chunks: the levels' phases spread over the unit's steps that end no tile and are not the
+    bridge level's phase (all of them when every step ends a tile)."""
     levels, unit, tile = self.spread_levels(layout), self.spread_unit(layout), layout.tile
-    free = [p for p in range(1, unit) if p % tile] or list(range(unit))
+    bridge_phase = self.bridge_phase(layout)
+    free = [p for p in range(1, unit)
+            if p % tile and p % layout.bridge != bridge_phase] or list(range(unit))
     return free[levels.index(level) * len(free) // len(levels)]
 
   def spread_chunk(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
@@ -595,14 +624,14 @@ class Flash(base.MixingStrategy):
     return 1, chunk, streams * (width // chunk)
 
   def smoothed_block(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
-                     block, delay: int, s, c, shape, newest_inputs: Array | None = None
-                     ) -> FlashState:
+                     block, delay: int, s, c, shape, newest_inputs: Array | None = None,
+                     older: Array | None = None) -> FlashState:
     """Adds to output block `block` of a smoothed ring level (positions [block U, block U + U),
     for the streams and channels of one chunk) the products of its input blocks from the
     start of the group before its own to block - delay: transforms the newest, block - delay,
     read from the ring (or given: `newest_inputs`, (S', B, D', U)), and keeps its spectrum in
     slot (block - delay) mod slots for the later output blocks; the older ones are in their
-    slots already."""
+    slots already (or their products are given: `older`, (S', B, D', U + 1))."""
     plan, ring = layout.plan, layout.ring
     size = plan.size(level)
     newest = block - delay
@@ -612,34 +641,67 @@ class Flash(base.MixingStrategy):
                                  shape + (size,))
     x, state = self._input_spectrum(state, window)  # (S', B, D', U + 1)
     spectra = state.input_spectra[size]
-    slots = spectra.shape[0]
-    at = lambda q: (q % slots, s, 0, c, 0)
+    at = lambda q: (q % spectra.shape[0], s, 0, c, 0)
     spectra = lax.dynamic_update_slice(spectra, x[None], at(newest))
-
-    square = lambda q, distance: lax.dynamic_slice(  # input block q's share of the product
-        spectra, at(q), (1,) + shape + (size + 1,))[0] * self._window_spectrum(
-            tables, size, distance, s, c, shape)
-
-    first = jnp.maximum(schedule.smoothed_first_source(plan.base, block), 0)
     product = x * self._window_spectrum(tables, size, delay, s, c, shape)
-    if size in tables.spectra:
-      # One pass over the sources, not a loop (which read and wrote the product once per source:
-      # the products are bound by memory traffic): as many terms as the most sources an output
-      # block has, each masked when this one has fewer. A masked term reads the newest block's
-      # spectrum and window again, which the first product left in cache.
-      for p in range(schedule.smoothed_sources(plan.base, delay)):
-        q = first + p
-        valid = q < newest
-        product = product + jnp.where(valid, square(jnp.where(valid, q, newest),
-                                                    jnp.where(valid, block - q, delay)), 0)
-    else:  # windows transformed here: only the due ones
-      product = lax.fori_loop(first, newest, lambda q, out: out + square(q, block - q), product)
+    if older is None:
+      product = self._older_squares(tables, spectra, size, plan.base, block, delay, s, c,
+                                    shape, product)
+    else:
+      product = product + older
     out = blocks_lib.outputs_from_spectrum(product, size)
     target = (s, 0, c, (block * size) % ring)
     current = lax.dynamic_slice(state.outputs, target, out.shape)
     return state._replace(
         outputs=lax.dynamic_update_slice(state.outputs, current + out, target),
         input_spectra={**state.input_spectra, size: spectra})
+
+  def _older_squares(self, tables: FlashTables, spectra: Array, size: int, tiling_base: int, block,
+                     delay: int, s, c, shape, product: Array) -> Array:
+    """`product` (S', B, D', U + 1) plus the products of output block `block` of a smoothed
+    level with its input blocks older than block - delay (from the start of the group before
+    its own), whose spectra are in `spectra` (slot q mod slots)."""
+    newest = block - delay
+    at = lambda q: (q % spectra.shape[0], s, 0, c, 0)
+    square = lambda q, distance: lax.dynamic_slice(  # input block q's share of the product
+        spectra, at(q), (1,) + shape + (size + 1,))[0] * self._window_spectrum(
+            tables, size, distance, s, c, shape)
+    first = jnp.maximum(schedule.smoothed_first_source(tiling_base, block), 0)
+    if size not in tables.spectra:  # windows transformed here: only the due ones
+      return lax.fori_loop(first, newest, lambda q, out: out + square(q, block - q), product)
+    # One pass over the sources, not a loop (which read and wrote the product once per source:
+    # the products are bound by memory traffic): as many terms as the most sources an output
+    # block has, each masked when this one has fewer. A masked term reads the first term's
+    # spectrum and window again, at the same elements: in cache.
+    for p in range(schedule.smoothed_sources(tiling_base, delay)):
+      q = first + p
+      valid = q < newest
+      product = product + jnp.where(valid, square(jnp.where(valid, q, first),
+                                                  jnp.where(valid, block - q, block - first)), 0)
+    return product
+
+  def bridge_older(self, layout: Layout, tables: FlashTables, state: FlashState, i
+                   ) -> FlashState:
+    """The bridge level after the step i - 1, at its phase (`bridge_phase`): the products of
+    its output block T = i // U + 1 with the input blocks from the start of the group before
+    its own to T - 2 (complete, their spectra kept, since (T - 1)U), into `bridge_products`.
+    At TU, `bridge_event` adds the newest input block's, so that the block start carries one
+    product instead of up to 2b - 1."""
+    plan, size = layout.plan, layout.bridge
+    block = i // size + 1
+    runs = ((i % size == self.bridge_phase(layout)) & (block >= 2)
+            & (block * size < plan.num_steps))
+
+    def run(trip, state):
+      def compute(st, s, c, group):
+        zeros = jnp.zeros(group + (size + 1,), jnp.complex64)
+        older = self._older_squares(tables, st.input_spectra[size], size, plan.base,
+                                    block + trip, 1, s, c, group, zeros)
+        return st._replace(bridge_products={size: lax.dynamic_update_slice(
+            st.bridge_products[size], older, (s, 0, c, 0))})
+      return self._groups(size, state.staged_inputs.shape[:3], compute, state)
+
+    return lax.fori_loop(0, runs.astype(jnp.int32), run, state)
 
   @staticmethod
   def _input_spectrum(state: FlashState, window: Array) -> tuple[Array, FlashState]:
