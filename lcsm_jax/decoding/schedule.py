@@ -34,8 +34,9 @@ above a bridge level k0 a block of slack: level k > k0 covers the pairs whose le
 are at least 2 apart (output block T from input blocks S <= T - 2) and whose level-(k + 1)
 blocks are at most 1 apart (S from the start of the group before T's); the bridge level
 covers the same pairs at distance 1 as well (its squares next to the diagonal, due at once
-but small; the engine adds its older input blocks' squares a block early, `bridge_phase`); the levels below it are the tiling above, inside each of its blocks. Every pair
-is covered once: the block distance d_k = T_k - S_k does not grow with k, and the pair falls
+but small; the engine adds its older input blocks' squares a block early, `bridge_phase`);
+the levels below it are the tiling above, inside each of its blocks. Every pair is covered
+once: the block distance d_k = T_k - S_k does not grow with k, and the pair falls
 to the largest k with d_k >= 2 (or to the bridge level when d_k0 = 1, or below it when
 d_k0 = 0). Output block T of a level above the bridge needs only inputs complete at
 (T - 1)U, so its work (one forward transform of block T - 2, at most 2b - 2 products, one

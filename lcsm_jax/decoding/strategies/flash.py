@@ -16,8 +16,8 @@ largest FFT level up to that size, or the smallest FFT level) adds the squares o
 block with the newest input block at the block's start (`bridge_event`) and those with the
 up to 2b - 2 older ones a block early (`bridge_older`), and every larger level's output
 block, due a block after its inputs complete, is computed in chunks of streams and channels
-spread over the steps before it (`spread_chunk`, `smoothed_block`). The levels below the bridge level
-are the plain tiling.
+spread over the steps before it (`spread_chunk`, `smoothed_block`). The levels below the
+bridge level are the plain tiling.
 """
 
 from __future__ import annotations
