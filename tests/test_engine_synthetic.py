@@ -243,12 +243,14 @@ def test_spread_chunks_fall_on_distinct_steps_off_the_tile_ends(tau, length):
   assert levels and all(layout.plan.size(k) % unit == 0 for k in levels)
   phases = [flash.spread_phase(layout, k) for k in levels]
   assert len(set(phases)) == len(phases) and all(0 <= p < unit for p in phases)
-  if tile > 1:
-    assert all(p % tile for p in phases)
-    # the bridge level's older products: a step of their own, off the tile ends
-    bridge_phase = Flash.bridge_phase(layout)
+  bridge_phase = Flash.bridge_phase(layout)
+  if tile > 1:  # the bridge level's older products: a step of their own, off the tile ends
     assert 0 < bridge_phase < layout.bridge and bridge_phase % tile
-    assert all(p % layout.bridge != bridge_phase for p in phases)
+  for step in range(1, length):  # every step carries one kind of work at most
+    work = [p for p in phases if step % unit == p]
+    if tile > 1:
+      work += ["tile end"] * (step % tile == 0) + ["bridge"] * (step % layout.bridge == bridge_phase)
+    assert len(work) <= 1, (step, work)
 
 
 

@@ -44,9 +44,11 @@ Array = jax.Array
 BINARY_SPECTRA_MAX = 1 << 15  # spectra_max_size='auto' with base 2
 VECTORISED_SQUARES_MAX = 64  # ring levels up to this block size add their squares at once
 DIRECT_TAPS_MAX = 4096  # `prepare` lays out the taps of direct levels with windows up to this
-SPREAD_UNIT = 64  # smoothed: a level above the bridge runs at most one chunk of a block per
-                  # this many positions (16K, 8 x 256, base 4, tile 64: 1.16x the plain total,
-                  # 32: 1.21x; tile 16: 1.22-1.36x, one per tile: 1.44x; WORKSPACE.md)
+SPREAD_UNIT = 32  # smoothed: a level above the bridge runs at most one chunk of a block per
+                  # this many positions, or per bridge block if smaller (16K, 8 x 256, base 4,
+                  # one core: with bridge 64, units 64 / 32 / 16 cost 1.113 / 1.116 / 1.147x
+                  # the plain total, and 32 lowers the largest chunk from 2.3 to ~1 ms;
+                  # WORKSPACE.md)
 PADDED_WINDOW_MAX_BYTES = 1 << 24  # smoothed levels keep a zero-padded transform input of at
                                    # most this size in the state (`FlashState.padded_windows`)
 SMOOTHED_ABOVE = 16  # smooth=True spreads the FFT levels larger than this: at 16K (8 x 256,
@@ -550,12 +552,27 @@ class Flash(base.MixingStrategy):
     return [k for k in range(plan.num_levels)
             if layout.smoothed(k) and plan.size(k) > layout.bridge]
 
-  def spread_unit(self, layout: Layout) -> int:
+  @classmethod
+  def spread_unit(cls, layout: Layout) -> int:
     """Positions per chunk slot of the levels above the bridge (a block of U spreads its chunks
-    over U / unit slots, one each at most): SPREAD_UNIT, or the smallest such block if
-    smaller. It sets the chunks' size, hence the largest token's latency, and their number."""
-    smallest = min(layout.plan.size(k) for k in self.spread_levels(layout))
-    return min(SPREAD_UNIT, smallest)
+    over U / unit slots, one each at most): SPREAD_UNIT, or the bridge level's block size if
+    smaller, so that a chunk transforms about as many points as the bridge level's block (rows
+    x unit for every level) and the bridge size bounds the largest token's latency; doubled
+    while the unit has fewer free phases (`free_phases`) than there are levels to place."""
+    levels = cls.spread_levels(layout)
+    smallest = min(layout.plan.size(k) for k in levels)
+    unit = min(SPREAD_UNIT, layout.bridge, smallest)
+    while len(cls.free_phases(layout, unit)) < len(levels) and 2 * unit <= smallest:
+      unit *= 2
+    return unit
+
+  @classmethod
+  def free_phases(cls, layout: Layout, unit: int) -> list[int]:
+    """The steps p of a unit (0 < p < unit) that in no unit end a tile or carry the bridge
+    level's older products (`bridge_phase`)."""
+    bridge_phase = cls.bridge_phase(layout)
+    return [p for p in range(1, unit) if p % math.gcd(layout.tile, unit) and (
+        bridge_phase is None or (p - bridge_phase) % math.gcd(layout.bridge, unit))]
 
   @staticmethod
   def bridge_phase(layout: Layout) -> int | None:
@@ -569,12 +586,10 @@ class Flash(base.MixingStrategy):
 
   def spread_phase(self, layout: Layout, level: int) -> int:
     """The step inside each unit (`spread_unit`) at which a level above the bridge runs its
-    chunks: the levels' phases spread over the unit's steps that end no tile and are not the
-    bridge level's phase (all of them when every step ends a tile)."""
-    levels, unit, tile = self.spread_levels(layout), self.spread_unit(layout), layout.tile
-    bridge_phase = self.bridge_phase(layout)
-    free = [p for p in range(1, unit)
-            if p % tile and p % layout.bridge != bridge_phase] or list(range(unit))
+    chunks: the levels' phases spread over the unit's free phases (`free_phases`; all steps
+    when none is free, as when every step ends a tile)."""
+    levels, unit = self.spread_levels(layout), self.spread_unit(layout)
+    free = self.free_phases(layout, unit) or list(range(unit))
     return free[levels.index(level) * len(free) // len(levels)]
 
   def spread_chunk(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
