@@ -31,6 +31,9 @@ host callbacks in either:
   spectra where the run has them; blocks that flash runs in groups are timed whole), the rest
   is the per-position step cost s, so a position's in-loop latency is s + c(lowbit(i)).
 
+Under `taskset -c N` (fewer CPUs than the machine's: XLA:CPU sizes its thread pool by them)
+a run is stored as a point of its own (`cpus_used` in its key).
+
 Writes --out (JSON: summary statistics, per-class table, the largest spikes), a CSV of every
 position (position, U, measured seconds, in-loop model seconds) and a PNG (latency vs position;
 latency per block size).
@@ -38,6 +41,7 @@ latency per block size).
 
 from __future__ import annotations
 
+import os
 import time
 
 from absl import app
@@ -48,6 +52,7 @@ import numpy as np
 
 from experiments.lib import blocks as block_timing
 from experiments.lib import flags as flags_lib
+from experiments.lib import machine as machine_lib
 from experiments.lib import plots
 from experiments.lib import store as store_lib
 from experiments.lib.workloads import Workload
@@ -115,6 +120,9 @@ def run_latency(work: Workload, length: int, tau, passes: int, repeats: int,
   store = store_lib.Store(out)
   extra = {} if (base, tuple(smooth)) == (2, (False,)) else dict(
       base=base, smooth=[variant_name(v) for v in smooth])
+  cpus = machine_lib.cpus_used()
+  if cpus is not None and cpus < (os.cpu_count() or cpus):  # pinned (`taskset`): its own point
+    extra["cpus_used"] = cpus
   key = store_lib.key_of(**work.describe(), length=length, tau=tau, passes=passes,
                          repeats=repeats, **extra)
   summary = store.run(key, lambda: _measure(work, length, tau, passes, repeats, spikes,
@@ -265,7 +273,8 @@ def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
                  entry["in_loop_total_vs_first"])
   summary = {
       "config": dict(work.describe(), length=length, tau=tau, passes=passes, base=base,
-                     smooth=[variant_name(v) for v in smooth]),
+                     smooth=[variant_name(v) for v in smooth],
+                     cpus_used=machine_lib.cpus_used()),
       "positions": "absolute position r + 1 of online step r (prompt of 1); block_size: the "
                    "largest power of the base dividing it",
       "variants": variants,

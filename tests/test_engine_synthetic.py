@@ -249,7 +249,8 @@ def test_spread_chunks_fall_on_distinct_steps_off_the_tile_ends(tau, length):
   for step in range(1, length):  # every step carries one kind of work at most
     work = [p for p in phases if step % unit == p]
     if tile > 1:
-      work += ["tile end"] * (step % tile == 0) + ["bridge"] * (step % layout.bridge == bridge_phase)
+      work += ["tile end"] * (step % tile == 0)
+      work += ["bridge"] * (step % layout.bridge == bridge_phase)
     assert len(work) <= 1, (step, work)
 
 

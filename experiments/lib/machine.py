@@ -23,10 +23,20 @@ def machine() -> dict[str, Any]:
   """What the numbers were measured on."""
   return {"processor": platform.processor() or platform.machine(),
           "cpu_model": machine_lib.cpu_model(), "cpus": os.cpu_count(),
+          "cpus_used": cpus_used(),
           "platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind,
           "memory_bytes": total_memory_bytes()}
+
+
+def cpus_used() -> int | None:
+  """The CPUs this process may run on (fewer than `os.cpu_count()` under `taskset`): XLA:CPU
+  sizes its thread pool by them."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count()
 
 
 def total_memory_bytes() -> int | None:
