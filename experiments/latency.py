@@ -32,7 +32,8 @@ host callbacks in either:
   is the per-position step cost s, so a position's in-loop latency is s + c(lowbit(i)).
 
 Under `taskset -c N` (fewer CPUs than the machine's: XLA:CPU sizes its thread pool by them)
-a run is stored as a point of its own (`cpus_used` in its key).
+or with XLA_FLAGS set, a run is stored as a point of its own (`cpus_used`, `xla_flags` in its
+key).
 
 Writes --out (JSON: summary statistics, per-class table, the largest spikes), a CSV of every
 position (position, U, measured seconds, in-loop model seconds) and a PNG (latency vs position;
@@ -123,6 +124,8 @@ def run_latency(work: Workload, length: int, tau, passes: int, repeats: int,
   cpus = machine_lib.cpus_used()
   if cpus is not None and cpus < (os.cpu_count() or cpus):  # pinned (`taskset`): its own point
     extra["cpus_used"] = cpus
+  if os.environ.get("XLA_FLAGS"):  # e.g. another scheduler for XLA:CPU: its own point too
+    extra["xla_flags"] = os.environ["XLA_FLAGS"]
   key = store_lib.key_of(**work.describe(), length=length, tau=tau, passes=passes,
                          repeats=repeats, **extra)
   summary = store.run(key, lambda: _measure(work, length, tau, passes, repeats, spikes,
@@ -274,7 +277,8 @@ def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
   summary = {
       "config": dict(work.describe(), length=length, tau=tau, passes=passes, base=base,
                      smooth=[variant_name(v) for v in smooth],
-                     cpus_used=machine_lib.cpus_used()),
+                     cpus_used=machine_lib.cpus_used(),
+                     xla_flags=os.environ.get("XLA_FLAGS", "")),
       "positions": "absolute position r + 1 of online step r (prompt of 1); block_size: the "
                    "largest power of the base dividing it",
       "variants": variants,
