@@ -33,7 +33,7 @@ def _random_block(size, streams, batch, width, seed):
 
 @pytest.mark.parametrize("method", ["direct", "fft"])
 @pytest.mark.parametrize("layer_parallel", [True, False])
-@pytest.mark.parametrize("size,out_len", [(1, 1), (2, 2), (4, 3), (16, 16), (128, 77)])
+@pytest.mark.parametrize("size,out_len", [(1, 1), (2, 2), (4, 3), (16, 16), (64, 40), (128, 77)])
 def test_block_matches_middle_product(method, layer_parallel, size, out_len):
   inputs, taps = _random_block(size, streams=3, batch=2, width=5, seed=size)
   config = blocks.BlockConfig(((size, method),), layer_parallel=layer_parallel)
@@ -43,6 +43,25 @@ def test_block_matches_middle_product(method, layer_parallel, size, out_len):
   chex.assert_shape(out, (out_len, 3, 2, 5))
   np.testing.assert_allclose(out, middle_product(inputs, taps, out_len), rtol=2e-5,
                              atol=2e-5 * np.sqrt(size))
+
+
+@pytest.mark.parametrize("size", [1, 2, 16, blocks.MATMUL_DFT_MAX, 2 * blocks.MATMUL_DFT_MAX])
+def test_transforms_match_float64_fft_by_matrices_or_not(size):
+  """Blocks up to MATMUL_DFT_MAX transform by the DFT matrices, larger ones by FFT: both are
+  the zero-padded 2U-point rfft and the second half of its inverse."""
+  assert blocks.transforms_by_matmul(size) == (size <= blocks.MATMUL_DFT_MAX)
+  rng = np.random.default_rng(size)
+  inputs = rng.standard_normal((3, 2, size))
+  spectrum = np.fft.rfft(inputs, n=2 * size)
+  got = np.asarray(blocks.input_spectrum(jnp.asarray(inputs, jnp.float32)))
+  assert got.dtype == np.complex64 and got.shape == (3, 2, size + 1)
+  np.testing.assert_allclose(got, spectrum, rtol=0, atol=2e-6 * np.abs(spectrum).max())
+  product = spectrum * np.fft.rfft(rng.standard_normal((2, 2 * size)))
+  out_len = max(size - 3, 1)
+  want = np.fft.irfft(product, n=2 * size)[..., size:size + out_len]
+  got = np.asarray(blocks.outputs_from_spectrum(jnp.asarray(product, jnp.complex64), out_len))
+  assert got.dtype == np.float32 and got.shape == (3, 2, out_len)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
 def test_fft_block_without_precomputed_spectra():
@@ -110,7 +129,8 @@ def test_auto_uses_pallas_only_with_a_measured_table():
 
 
 def test_crossover_cache_is_per_cpu_model(tmp_path, monkeypatch):
-  """A crossover cached on another CPU model is not used here; one cached here is."""
+  """A crossover cached on another CPU model, or with other small-block transforms, is not used
+  here; one cached here is."""
   from lcsm_jax.tuning import crossover as crossover_lib  # pylint: disable=g-import-not-at-top
   from lcsm_jax.tuning import machine  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("LCSM_JAX_CACHE_DIR", str(tmp_path))
@@ -119,9 +139,12 @@ def test_crossover_cache_is_per_cpu_model(tmp_path, monkeypatch):
   monkeypatch.setattr(crossover_lib, "measure_crossover",
                       lambda channels: measured.append(channels) or {"crossover": 16})
   here = crossover_lib.cache_key(300)
-  assert machine.cpu_model() in here and here.endswith("channels<=512")
+  assert machine.cpu_model() in here and "channels<=512|" in here
   other = here.replace(machine.cpu_model(), "another CPU")
-  crossover_lib.cache_path().write_text(json.dumps({other: {"crossover": 2}}))
+  stale = here.split("|dft_matmul")[0]  # written before small blocks transformed by matmul
+  assert stale != here
+  crossover_lib.cache_path().write_text(json.dumps({other: {"crossover": 2},
+                                                    stale: {"crossover": 4}}))
   assert crossover_lib.crossover(300) == 16 and measured == [300]
   assert json.loads(crossover_lib.cache_path().read_text())[other] == {"crossover": 2}
   assert crossover_lib.crossover(300) == 16 and measured == [300]  # now read from the cache

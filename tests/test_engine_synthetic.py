@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lcsm_jax import decoding
+from lcsm_jax.decoding import blocks as blocks_lib
 from lcsm_jax.decoding.strategies import Flash
 from lcsm_jax.models.conv_stack import ConvStack
 from lcsm_jax.convolution import causal_conv_numpy
@@ -213,20 +214,22 @@ def test_smooth_chunks_divide_the_channels():
 
 
 def test_smoothed_rollout_resumes_call_by_call():
-  stack = ConvStack(2, 4, 140)
+  stack = ConvStack(2, 4, 600)
   params = stack.init(jax.random.key(9))
   prompt = jax.random.normal(jax.random.key(10), (1, 3, 4))
-  session = decoding.Rollout(params, stack, "flash", 140, tau=1, smooth=1)
+  session = decoding.Rollout(params, stack, "flash", 600, tau=1, smooth=1)
   outputs, state = session.prefill(prompt)
   pieces = [outputs]
-  for count in (1, 1, 5, 16, 1, 40, 73):
+  for count in (1, 1, 5, 16, 1, 40, 73, 200, 260):
     out, state = session.run(state, count)
     pieces.append(out)
   outputs = jnp.concatenate(pieces, axis=1)
-  check_rollout(stack, params, prompt, 137, outputs)
-  # the smoothed levels' transform inputs: written in their first half only
+  check_rollout(stack, params, prompt, 597, outputs)
+  # the transform inputs of the smoothed levels transformed by FFT (smaller blocks multiply
+  # by the DFT matrices): written in their first half only
   padded = state.engine.strategy.padded_windows
-  assert sorted(padded) == [4, 16, 64]
+  assert sorted(padded) == [size for size in (4, 16, 64, 256)
+                            if size > blocks_lib.MATMUL_DFT_MAX] == [256]
   assert sorted(state.engine.strategy.bridge_products) == [4]  # the bridge level
   for size, buffer in padded.items():
     assert buffer.shape[-1] == 2 * size

@@ -7,7 +7,9 @@ Layout (time-major, as the generation state stores it):
   output: (V, S, B, D) with V <= U:  out[j] = sum_k inputs[k] * taps[U + j - k]
 
 Implementations ("tau"): `direct` (O(U^2) shift-and-add, fastest for small U), `fft` (one real
-FFT of size 2U with the filter's spectrum precomputed once per model), and `pallas` (the kernel
+2U-point transform each way with the filter's spectrum precomputed once per model: an FFT, or
+up to MATMUL_DFT_MAX a product with the DFT matrices, which XLA:CPU runs on every core while
+its FFT runs on one), and `pallas` (the kernel
 in `pallas_kernels`: interpreted on CPU, compiled on GPU and TPU). With `layer_parallel` one
 call covers all streams (the per-stream computation vectorised over the stacked stream axis, the
 batching `vmap` would give, with no transposes of the state); otherwise one call per stream.
@@ -16,11 +18,13 @@ batching `vmap` would give, with no transposes of the state); otherwise one call
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 Array = jax.Array
 
@@ -28,6 +32,11 @@ IMPLEMENTATIONS = ("direct", "fft", "pallas")
 
 
 UNROLLED_DIRECT_MAX = 64  # larger direct blocks loop over k instead of unrolling the sum
+MATMUL_DFT_MAX = 64  # blocks up to this size transform by products with the DFT matrices, not
+                     # by FFT: a forward and inverse 2U-point transform of 2048 rows (one core /
+                     # two) took 111 / 137 us by matrices vs 173 / 195 us by FFT at U = 16,
+                     # 568 / 330 vs 767 / 930 us at 64, 2032 / 1160 vs 1605 / 1708 us at 128
+                     # (XLA:CPU's FFT runs on one thread, its dots on all; WORKSPACE.md)
 
 
 def direct_block(inputs: Array, taps: Array, out_len: int) -> Array:
@@ -77,18 +86,53 @@ def filter_spectrum(taps: Array, size: int) -> Array:
   return jnp.fft.rfft(window.astype(jnp.float32), n=2 * size)
 
 
+def transforms_by_matmul(size: int) -> bool:
+  """Whether `input_spectrum` and `outputs_from_spectrum` of blocks of `size` multiply by the
+  DFT matrices (`dft_matrices`) instead of running an FFT."""
+  return size <= MATMUL_DFT_MAX
+
+
+@functools.lru_cache(maxsize=None)
+def dft_matrices(size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The 2U-point real DFT of a block of U = `size` inputs followed by U zeros, and the second
+  half of its inverse, as real float32 matrices (computed in float64):
+
+    forward (U, 2U + 2): x (*C, U) @ forward = [Re X, Im X], X = rfft(x, n=2U) (U + 1 bins);
+    inverse (2U + 2, U): [Re P, Im P] @ inverse = irfft(P, n=2U)[U:2U] (like irfft, the
+      imaginary parts of bins 0 and U are ignored).
+  """
+  time = np.arange(size, dtype=np.float64)
+  bins = np.arange(size + 1, dtype=np.float64)
+  angle = np.pi * np.outer(time, bins) / size  # 2 pi n k / 2U
+  forward = np.concatenate([np.cos(angle), -np.sin(angle)], axis=1)
+  weight = np.where((bins == 0) | (bins == size), 1.0, 2.0)[:, None] / (2 * size)
+  angle = np.pi * np.outer(bins, time + size) / size  # output points U .. 2U - 1
+  sine = -weight * np.sin(angle)
+  sine[[0, size]] = 0.0
+  inverse = np.concatenate([weight * np.cos(angle), sine], axis=0)
+  return forward.astype(np.float32), inverse.astype(np.float32)
+
+
 def input_spectrum(inputs: Array) -> Array:
   """rfft of U inputs zero-padded to 2U points, time on the last axis: (*C, U) -> (*C, U + 1)
-  complex64."""
-  return jnp.fft.rfft(inputs.astype(jnp.float32), n=2 * inputs.shape[-1])
+  complex64 (by matrix product up to MATMUL_DFT_MAX)."""
+  size = inputs.shape[-1]
+  inputs = inputs.astype(jnp.float32)
+  if not transforms_by_matmul(size):
+    return jnp.fft.rfft(inputs, n=2 * size)
+  parts = jnp.matmul(inputs, dft_matrices(size)[0], precision=lax.Precision.HIGHEST)
+  return lax.complex(parts[..., :size + 1], parts[..., size + 1:])
 
 
 def outputs_from_spectrum(spectrum: Array, out_len: int) -> Array:
   """The second half of the 2U-point inverse, time on the last axis: (*C, U + 1) ->
   (*C, out_len) float32 (points U .. U + out_len - 1 of the circular product, where a block's
-  outputs land)."""
+  outputs land; by matrix product up to MATMUL_DFT_MAX)."""
   size = spectrum.shape[-1] - 1
-  return jnp.fft.irfft(spectrum, n=2 * size)[..., size:size + out_len]
+  if not transforms_by_matmul(size):
+    return jnp.fft.irfft(spectrum, n=2 * size)[..., size:size + out_len]
+  parts = jnp.concatenate([jnp.real(spectrum), jnp.imag(spectrum)], axis=-1)
+  return jnp.matmul(parts, dft_matrices(size)[1][:, :out_len], precision=lax.Precision.HIGHEST)
 
 
 def fft_block(inputs: Array, spectrum: Array, out_len: int) -> Array:

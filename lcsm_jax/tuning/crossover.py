@@ -38,12 +38,14 @@ def cache_path() -> pathlib.Path:
 
 
 def cache_key(channels: int) -> str:
-  """The cache's key for `channels`: backend, device (on CPU: CPU model), and the channels
-  rounded up to a power of two."""
+  """The cache's key for `channels`: backend, device (on CPU: CPU model), the channels
+  rounded up to a power of two, and the block size up to which FFT blocks transform by matrix
+  products (`blocks.MATMUL_DFT_MAX`: a crossover measured with other transforms is stale)."""
   device = jax.devices()[0]
   kind = machine.cpu_model() if device.platform == "cpu" else device.device_kind
   bucket = 1 << max(channels - 1, 0).bit_length()  # channels rounded up to a power of two
-  return f"{jax.default_backend()}|{kind}|channels<={bucket}"
+  return (f"{jax.default_backend()}|{kind}|channels<={bucket}"
+          f"|dft_matmul<={blocks_lib.MATMUL_DFT_MAX}")
 
 
 def time_block(method: str, size: int, channels: int, repeats: int = 5) -> float:

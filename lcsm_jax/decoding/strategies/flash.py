@@ -8,7 +8,8 @@ transform the completed input block once (a 2U-point FFT), multiply it by the pr
 spectra of the filter windows of every later block of its group, file those products in
 frequency-domain accumulators, and inverse-transform the output block [i, i + U) once, with
 every product filed for it. Base 2 is the paper's binary tiling (no accumulators). All
-streams, batch rows and channels of an event are one batched computation.
+streams, batch rows and channels of an event are one batched computation. (Blocks up to
+`blocks.MATMUL_DFT_MAX` transform by products with the DFT matrices instead of FFTs.)
 
 With `EngineOptions.smooth`, the FFT levels above SMOOTHED_ABOVE positions (or above
 `smooth`) follow the smoothed schedule (`schedule.smoothed_events`): the bridge level (the
@@ -91,7 +92,7 @@ class FlashState(NamedTuple):
   input_spectra: dict[int, Array] = {}  # {U: (distances - 1, S, B, D, U + 1) complex64}:
                          # per ring level with base > 2, the spectra of the current group's
                          # completed input blocks q = 0 .. distances - 2 (slot q)
-  padded_windows: dict[int, Array] = {}  # {U: (S', B, D', 2U) float32} per smoothed level:
+  padded_windows: dict[int, Array] = {}  # {U: (S', B, D', 2U) float32} per smoothed FFT level:
                          # the forward transform's input for one chunk (or group) of its
                          # streams and channels (`smoothed_shape`), the input block then U
                          # zeros; only the first half is ever written. A window zero-padded
@@ -292,7 +293,8 @@ class Flash(base.MixingStrategy):
                      for k in range(plan.num_levels) if layout.smoothed(k)}
     padded_windows = {size: jnp.zeros(shape, jnp.float32)
                       for size, shape in padded_shapes.items()
-                      if 4 * math.prod(shape) <= PADDED_WINDOW_MAX_BYTES}
+                      if 4 * math.prod(shape) <= PADDED_WINDOW_MAX_BYTES
+                      and not blocks_lib.transforms_by_matmul(size)}
     bridge_products = {}
     if self.bridge_phase(layout) is not None:
       bridge_products[layout.bridge] = jnp.zeros((streams, batch, width, layout.bridge + 1),
