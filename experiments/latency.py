@@ -58,6 +58,7 @@ from experiments.lib import plots
 from experiments.lib import store as store_lib
 from experiments.lib.workloads import Workload
 from lcsm_jax.decoding import EngineOptions
+from lcsm_jax.decoding import blocks as blocks_lib
 from lcsm_jax.decoding import schedule
 
 
@@ -220,6 +221,8 @@ def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
   params = work.params()
   sizes = lowbits(num_steps, base)
   variants, measured_by_variant, model = {}, {}, None
+  resolved_tau = work.session(params, "flash", length, EngineOptions(tau=tau, base=base)
+                              ).engine(work.batch).strategy.tau  # tau='auto': this machine's
   totals = in_loop_totals(work, params, length,
                           {variant_name(v): EngineOptions(tau=tau, base=base, smooth=v)
                            for v in smooth}, repeats)
@@ -278,7 +281,8 @@ def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
       "config": dict(work.describe(), length=length, tau=tau, passes=passes, base=base,
                      smooth=[variant_name(v) for v in smooth],
                      cpus_used=machine_lib.cpus_used(),
-                     xla_flags=os.environ.get("XLA_FLAGS", "")),
+                     xla_flags=os.environ.get("XLA_FLAGS", ""),
+                     resolved_tau=resolved_tau, dft_matmul_max=blocks_lib.MATMUL_DFT_MAX),
       "positions": "absolute position r + 1 of online step r (prompt of 1); block_size: the "
                    "largest power of the base dividing it",
       "variants": variants,

@@ -271,6 +271,7 @@ def test_latency_compares_smoothing_side_by_side(tmp_path):
               "--smooth=false,1")
   (summary,) = data["points"].values()
   assert list(summary["variants"]) == ["plain", "smoothed_above_1"]
+  assert summary["config"]["resolved_tau"] == 1 and summary["config"]["dft_matmul_max"] > 0
   smoothed = summary["variants"]["smoothed_above_1"]
   assert smoothed["in_loop_total_vs_first"] > 0 and "model" not in smoothed["in_loop"]
   plain = summary["variants"]["plain"]
