@@ -45,21 +45,23 @@ def test_block_matches_middle_product(method, layer_parallel, size, out_len):
                              atol=2e-5 * np.sqrt(size))
 
 
+@pytest.mark.parametrize("by_matmul", [None, True, False])
 @pytest.mark.parametrize("size", [1, 2, 16, blocks.MATMUL_DFT_MAX, 2 * blocks.MATMUL_DFT_MAX])
-def test_transforms_match_float64_fft_by_matrices_or_not(size):
-  """Blocks up to MATMUL_DFT_MAX transform by the DFT matrices, larger ones by FFT: both are
-  the zero-padded 2U-point rfft and the second half of its inverse."""
+def test_transforms_match_float64_fft_by_matrices_or_not(size, by_matmul):
+  """Blocks up to MATMUL_DFT_MAX transform by the DFT matrices (by default), larger ones by
+  FFT: both are the zero-padded 2U-point rfft and the second half of its inverse."""
   assert blocks.transforms_by_matmul(size) == (size <= blocks.MATMUL_DFT_MAX)
   rng = np.random.default_rng(size)
   inputs = rng.standard_normal((3, 2, size))
   spectrum = np.fft.rfft(inputs, n=2 * size)
-  got = np.asarray(blocks.input_spectrum(jnp.asarray(inputs, jnp.float32)))
+  got = np.asarray(blocks.input_spectrum(jnp.asarray(inputs, jnp.float32), by_matmul))
   assert got.dtype == np.complex64 and got.shape == (3, 2, size + 1)
   np.testing.assert_allclose(got, spectrum, rtol=0, atol=2e-6 * np.abs(spectrum).max())
   product = spectrum * np.fft.rfft(rng.standard_normal((2, 2 * size)))
   out_len = max(size - 3, 1)
   want = np.fft.irfft(product, n=2 * size)[..., size:size + out_len]
-  got = np.asarray(blocks.outputs_from_spectrum(jnp.asarray(product, jnp.complex64), out_len))
+  got = np.asarray(blocks.outputs_from_spectrum(jnp.asarray(product, jnp.complex64), out_len,
+                                                by_matmul))
   assert got.dtype == np.float32 and got.shape == (3, 2, out_len)
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
 

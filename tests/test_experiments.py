@@ -27,6 +27,7 @@ from experiments import long_run
 from experiments import memory
 from experiments import scaling
 from experiments import sharding as sharding_runner
+from experiments import transforms
 from experiments.lib import blocks as block_timing
 from experiments.lib import flags as flags_lib
 from experiments.lib import machine as machine_lib
@@ -285,6 +286,22 @@ def test_latency_compares_smoothing_side_by_side(tmp_path):
   assert len(rows) == 79 and "smoothed_above_1_measured_seconds" in rows[0]
   with pytest.raises(ValueError, match="smooth must be"):
     latency.parse_smooth("0")
+
+
+def test_transforms(tmp_path):
+  out = tmp_path / "transforms.json"
+  data = _run(transforms, out, "--sizes=2,4", "--rows=8", "--count=2", "--repeats=1")
+  assert len(data["points"]) == 4  # two sizes, two methods
+  (summary,) = [v for k, v in data.items() if k.startswith("summary")]
+  assert set(summary["table"]) == {"2", "4"} and summary["rows"] == 8
+  for row in summary["table"].values():
+    assert row["fft"] > 0 and row["matmul"] > 0
+    assert row["matmul_over_fft"] == pytest.approx(row["matmul"] / row["fft"])
+  assert summary["largest_matmul_win"] in (0, 2, 4)
+  assert [int(r["size"]) for r in csv_rows(out.with_suffix(".csv"))] == [2, 4]
+  assert out.with_suffix(".png").stat().st_size > 0
+  with pytest.raises(ValueError, match="positive"):
+    transforms.parse_sizes(["0"])
 
 
 def test_long_run(tmp_path):

@@ -33,10 +33,9 @@ IMPLEMENTATIONS = ("direct", "fft", "pallas")
 
 UNROLLED_DIRECT_MAX = 64  # larger direct blocks loop over k instead of unrolling the sum
 MATMUL_DFT_MAX = 64  # blocks up to this size transform by products with the DFT matrices, not
-                     # by FFT: a forward and inverse 2U-point transform of 2048 rows (one core /
-                     # two) took 111 / 137 us by matrices vs 173 / 195 us by FFT at U = 16,
-                     # 568 / 330 vs 767 / 930 us at 64, 2032 / 1160 vs 1605 / 1708 us at 128
-                     # (XLA:CPU's FFT runs on one thread, its dots on all; WORKSPACE.md)
+                     # by FFT (`python -m experiments.transforms`, 2048 rows, one core / two:
+                     # by matrices 0.59 / 0.71x the FFT's time at U = 16, 0.75 / 0.36x at 64,
+                     # 1.24 / 0.67x at 128: XLA:CPU runs its dots on every core, its FFT on one)
 
 
 def direct_block(inputs: Array, taps: Array, out_len: int) -> Array:
@@ -113,23 +112,25 @@ def dft_matrices(size: int) -> tuple[np.ndarray, np.ndarray]:
   return forward.astype(np.float32), inverse.astype(np.float32)
 
 
-def input_spectrum(inputs: Array) -> Array:
+def input_spectrum(inputs: Array, by_matmul: bool | None = None) -> Array:
   """rfft of U inputs zero-padded to 2U points, time on the last axis: (*C, U) -> (*C, U + 1)
-  complex64 (by matrix product up to MATMUL_DFT_MAX)."""
+  complex64; by the DFT matrices or by FFT as `by_matmul` says (default: up to
+  MATMUL_DFT_MAX by the matrices)."""
   size = inputs.shape[-1]
   inputs = inputs.astype(jnp.float32)
-  if not transforms_by_matmul(size):
+  if not (transforms_by_matmul(size) if by_matmul is None else by_matmul):
     return jnp.fft.rfft(inputs, n=2 * size)
   parts = jnp.matmul(inputs, dft_matrices(size)[0], precision=lax.Precision.HIGHEST)
   return lax.complex(parts[..., :size + 1], parts[..., size + 1:])
 
 
-def outputs_from_spectrum(spectrum: Array, out_len: int) -> Array:
+def outputs_from_spectrum(spectrum: Array, out_len: int, by_matmul: bool | None = None
+                          ) -> Array:
   """The second half of the 2U-point inverse, time on the last axis: (*C, U + 1) ->
   (*C, out_len) float32 (points U .. U + out_len - 1 of the circular product, where a block's
-  outputs land; by matrix product up to MATMUL_DFT_MAX)."""
+  outputs land); `by_matmul` as in `input_spectrum`."""
   size = spectrum.shape[-1] - 1
-  if not transforms_by_matmul(size):
+  if not (transforms_by_matmul(size) if by_matmul is None else by_matmul):
     return jnp.fft.irfft(spectrum, n=2 * size)[..., size:size + out_len]
   parts = jnp.concatenate([jnp.real(spectrum), jnp.imag(spectrum)], axis=-1)
   return jnp.matmul(parts, dft_matrices(size)[1][:, :out_len], precision=lax.Precision.HIGHEST)
