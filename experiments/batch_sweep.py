@@ -104,13 +104,7 @@ def plot(points: list[dict], path, title: str) -> None:
       if line:
         b, t = zip(*line)
         ax.plot(b, t, styles[dtype], marker="o", label=f"{strategy} ({dtype} step weights)")
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("batch size B")
-  ax.set_ylabel("tokens / s")
-  ax.set_title(title, fontsize=9)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
+  plots.log2_axes(ax, "batch size B", "tokens / s", title)
   plots.save_figure(fig, path)
 
 

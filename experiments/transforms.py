@@ -89,13 +89,8 @@ def plot(table: dict[int, dict], path, title: str) -> None:
     ax.plot(sizes, [table[u][method] * 1e6 for u in sizes], marker="o", label=method)
   ax.axvline(blocks_lib.MATMUL_DFT_MAX, color="gray", ls=":",
              label=f"MATMUL_DFT_MAX = {blocks_lib.MATMUL_DFT_MAX}")
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("block size U (2U-point transforms)")
-  ax.set_ylabel("us per forward + product + inverse")
-  ax.set_title(title, fontsize=9)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
+  plots.log2_axes(ax, "block size U (2U-point transforms)",
+                  "us per forward + product + inverse", title)
   plots.save_figure(fig, path)
 
 

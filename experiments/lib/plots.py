@@ -31,6 +31,17 @@ def log_length_axes(ax, ylabel: str) -> None:
   ax.grid(True, which="both", alpha=0.3)
 
 
+def log2_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+  """Log-log axes with x in powers of two, labels, a small title, a grid and a legend."""
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+
+
 def output_paths(out: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
   """(JSON, CSV, PNG) paths of a runner whose --out is `out` (the JSON)."""
   out = pathlib.Path(out)
