@@ -139,9 +139,9 @@ def test_crossover_cache_is_per_cpu_model(tmp_path, monkeypatch):
   monkeypatch.delenv("LCSM_JAX_CROSSOVER", raising=False)
   measured = []
   monkeypatch.setattr(crossover_lib, "measure_crossover",
-                      lambda channels: measured.append(channels) or {"crossover": 16})
+                      lambda channels, *_: measured.append(channels) or {"crossover": 16})
   here = crossover_lib.cache_key(300)
-  assert machine.cpu_model() in here and "channels<=512|" in here
+  assert f"{machine.cpu_model()} x{machine.cpu_count()}|" in here and "channels<=512|" in here
   other = here.replace(machine.cpu_model(), "another CPU")
   stale = here.split("|dft_matmul")[0]  # written before small blocks transformed by matmul
   assert stale != here

@@ -18,7 +18,8 @@ class EngineOptions:
 
   Attributes:
     tau: flash block implementation: 'auto' (direct up to the crossover measured on this
-      machine, FFT above; resolved by the `Decoder` when it first sees a batch size), 'direct',
+      machine, FFT above; resolved by the `Decoder` when it first sees a batch size, see
+      `lcsm_jax.tuning.engine_tau`), 'direct',
       'fft', 'pallas', an int crossover (direct for block sizes <= tau) or a mapping
       {block size: method}.
     base: flash's tiling base b (2, 4, 8 or 16): blocks of b^k positions in groups of b,

@@ -21,6 +21,7 @@ from lcsm_jax.decoding.engine import Engine, EngineTables
 from lcsm_jax.decoding.options import EngineOptions
 from lcsm_jax.models.interface import OnlineModel, Params
 from lcsm_jax.tuning import crossover as crossover_lib
+from lcsm_jax.tuning import engine_tau
 
 def _placement(x: Any) -> Any:
   """A leaf's sharding when it spans several devices (else None: the default device)."""
@@ -144,15 +145,18 @@ class Session:
 
   def engine(self, batch: int) -> Engine:
     """The engine for batches of `batch` rows. tau='auto' is resolved here, once per batch
-    size: the direct/FFT crossover for the block width S x batch x D is read from this
-    machine's cache, or measured once (a few seconds, logged) and cached (`lcsm_jax.tuning`).
+    size (`lcsm_jax.tuning.engine_tau.crossover`): the direct/FFT crossover for the block
+    width S x batch x D, or with base > 2 and max_length >= 4096 the fastest tau of the engine
+    itself, read from this machine's cache or measured once (seconds, logged) and cached.
     On a mesh, a batch that does not divide over the data axis is refused (ValueError)."""
     if batch not in self._engines:
       if self.sharding is not None:
         self.sharding.check(batch=batch)
       crossover = pallas_max = None
       if strategies.needs_crossover(self.strategy, self.options):
-        crossover = crossover_lib.crossover(self.model.num_streams * batch * self.model.width)
+        crossover = engine_tau.crossover(self.model.num_streams, batch, self.model.width,
+                                         self.options, self.max_length,
+                                         sharded=self.sharding is not None)
         pallas_max = crossover_lib.pallas_crossover()
       strategy = strategies.create(self.strategy, self.options, crossover=crossover,
                                    pallas_max=pallas_max)

@@ -1,10 +1,11 @@
 """Measuring, per machine, the largest block size for which the direct block beats the FFT block.
 
-`tau='auto'` uses `crossover(channels, max_size)`: read from a JSON cache when this backend,
-device (on CPU: CPU model) and channel count were measured before, else measured now (a few
-seconds) and cached.
-The cache lives in `$LCSM_JAX_CACHE_DIR` (default `~/.cache/lcsm_jax`); set
-`LCSM_JAX_CROSSOVER=<int>` to skip measuring altogether.
+`crossover(channels, max_size)` times isolated blocks of the binary tiling: read from a JSON
+cache when this backend, device (on CPU: CPU model and core count) and channel count were
+measured before, else measured now (a few seconds) and cached in
+`$LCSM_JAX_CACHE_DIR/crossover.json` (default `~/.cache/lcsm_jax`); set
+`LCSM_JAX_CROSSOVER=<int>` to skip measuring altogether. `engine_tau.crossover` decides, per
+session, whether this or a timing of the engine itself resolves tau='auto'.
 
 On GPU and TPU, `tau='auto'` also reads the Pallas table that `experiments/pallas_crossover.py`
 writes (`$LCSM_JAX_CACHE_DIR/pallas_crossover.json`, or the path in
@@ -15,37 +16,31 @@ kernel. Tables measured in interpret mode, or on another backend, are ignored.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
 from lcsm_jax.decoding import blocks as blocks_lib
+from lcsm_jax.tuning import cache as cache_lib
 from lcsm_jax.tuning import machine
 from lcsm_jax.tuning import timing
-
-log = logging.getLogger("lcsm_jax")
 
 MAX_DIRECT_SIZE = 256  # above this the O(U^2) block never wins on any backend we know
 
 
 def cache_path() -> pathlib.Path:
-  root = os.environ.get("LCSM_JAX_CACHE_DIR", pathlib.Path.home() / ".cache" / "lcsm_jax")
-  return pathlib.Path(root) / "crossover.json"
+  return cache_lib.directory() / "crossover.json"
 
 
 def cache_key(channels: int) -> str:
-  """The cache's key for `channels`: backend, device (on CPU: CPU model), the channels
-  rounded up to a power of two, and the block size up to which FFT blocks transform by matrix
-  products (`blocks.MATMUL_DFT_MAX`: a crossover measured with other transforms is stale)."""
-  device = jax.devices()[0]
-  kind = machine.cpu_model() if device.platform == "cpu" else device.device_kind
+  """The cache's key for `channels`: backend and device (on CPU: CPU model and the CPUs this
+  process may use), the channels rounded up to a power of two, and the block size up to which
+  FFT blocks transform by matrix products (`blocks.MATMUL_DFT_MAX`: a crossover measured with
+  other transforms is stale)."""
   bucket = 1 << max(channels - 1, 0).bit_length()  # channels rounded up to a power of two
-  return (f"{jax.default_backend()}|{kind}|channels<={bucket}"
-          f"|dft_matmul<={blocks_lib.MATMUL_DFT_MAX}")
+  return f"{machine.device_key()}|channels<={bucket}|dft_matmul<={blocks_lib.MATMUL_DFT_MAX}"
 
 
 def time_block(method: str, size: int, channels: int, repeats: int = 5) -> float:
@@ -73,7 +68,7 @@ def measure_crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> dict:
   return {"crossover": crossover, "per_block_size": table, "channels": channels}
 
 
-def _forced() -> int | None:
+def forced_crossover() -> int | None:
   forced = os.environ.get("LCSM_JAX_CROSSOVER")
   if forced is None:
     return None
@@ -86,37 +81,30 @@ def _forced() -> int | None:
   return value
 
 
-def _read_cache() -> dict:
-  try:
-    cache = json.loads(cache_path().read_text())
-  except (OSError, json.JSONDecodeError):
-    return {}
-  return cache if isinstance(cache, dict) else {}
-
-
 def crossover(channels: int, max_size: int = MAX_DIRECT_SIZE) -> int:
   """The direct/FFT crossover for blocks over `channels` channels on this machine: from
   LCSM_JAX_CROSSOVER, else from the cache, else measured now (a few seconds, logged) and
-  cached (written atomically: a temporary file renamed into place)."""
-  forced = _forced()
+  cached."""
+  forced = forced_crossover()
   if forced is not None:
     return forced
-  key = cache_key(channels)
-  cache = _read_cache()
-  if key not in cache:
-    log.warning("measuring the direct/FFT block crossover for %d channels on this machine "
-                "(once, a few seconds; cached in %s)", channels, cache_path())
-    cache[key] = measure_crossover(channels)
-    path = cache_path()
-    try:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
-                                       suffix=".tmp") as f:
-        json.dump(cache, f, indent=2, sort_keys=True)
-      os.replace(f.name, path)
-    except OSError:
-      pass  # a read-only home still gets a measured (uncached) crossover
-  return int(cache[key]["crossover"])
+  entry = cache_lib.measured(cache_path(), cache_key(channels),
+                             lambda: measure_crossover(channels, max_size),
+                             f"the direct/FFT block crossover for {channels} channels")
+  return int(entry["crossover"])
+
+
+def direct_limit(base: int, crossover: int) -> int:
+  """The largest block size that runs directly in a base-`base` tiling for `crossover`, the
+  widest direct rectangle that beat the FFT: a direct event of base b > 2 reads b - 1 blocks
+  of its group, so U = b^k runs directly when (b - 1) U <= crossover; base 2 runs every size
+  up to the crossover directly."""
+  if base == 2:
+    return crossover
+  size = 1
+  while (base - 1) * size * base <= crossover:
+    size *= base
+  return size
 
 
 def pallas_table_path() -> pathlib.Path:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import platform
+
+import jax
 
 
 def cpu_model() -> str:
@@ -16,3 +19,21 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def cpu_count() -> int:
+  """The CPUs this process may run on (its affinity: `taskset` lowers it)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def device_key() -> str:
+  """The backend and device a measurement was made on: on CPU the CPU model and the CPUs this
+  process may use (XLA:CPU spreads some operations over them, not others, so one core and two
+  can rank the same programs differently), else the device kind."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return f"cpu|{cpu_model()} x{cpu_count()}"
+  return f"{jax.default_backend()}|{device.device_kind}"

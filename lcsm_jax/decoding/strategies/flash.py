@@ -127,7 +127,9 @@ class Flash(base.MixingStrategy):
   Attributes:
     options: the engine's options (tau, base, layer_parallel, precomputed_spectra,
       spectra_max_size, group_bytes are flash's).
-    crossover: this machine's direct/FFT crossover, which resolves tau='auto' (None: not
+    crossover: the widest direct rectangle that beat the FFT on this machine, which resolves
+      tau='auto' (`lcsm_jax.tuning.engine_tau.crossover`: the binary blocks' crossover, or
+      for bases above 2 and long sessions, measured by timing this engine; None: not
       resolved, allowed for `prepare`, which then keeps spectra for every size).
     pallas_max: on accelerators with a measured table, the Pallas kernel for blocks up to this
       size under tau='auto'.
@@ -150,14 +152,12 @@ class Flash(base.MixingStrategy):
 
   @property
   def tau(self):
-    """The resolved tau: `options.tau`, or for 'auto' ('auto' while unresolved) the crossover
-    measured for binary blocks, scaled to the base: a direct event of base b reads b - 1
-    blocks, so levels run directly up to the largest U = b^k with (b - 1) U <= crossover."""
+    """The resolved tau: `options.tau`, or for 'auto' ('auto' while unresolved) the largest
+    block size that runs directly for the crossover (`crossover.direct_limit`: a direct event
+    of base b reads b - 1 blocks, so levels run directly up to the largest U = b^k with
+    (b - 1) U <= crossover)."""
     if self.options.tau == "auto" and self.crossover is not None:
-      base, size = self.options.base, 1
-      while (base - 1) * size * base <= self.crossover:
-        size *= base
-      return size if base > 2 else self.crossover
+      return crossover_lib.direct_limit(self.options.base, self.crossover)
     return self.options.tau
 
   @classmethod
