@@ -208,7 +208,8 @@ def in_loop_totals(work: Workload, params, length: int, options: dict[str, Engin
     out[name] = {"total_seconds": float(np.median(rounds[name])),
                  "rounds_seconds": rounds[name], "vs_first": float(np.median(ratios)),
                  "vs_first_per_round": ratios,
-                 "compile_seconds": programs[name].compile_seconds}
+                 "compile_seconds": programs[name].compile_seconds,
+                 "resolved_tau": programs[name].resolved_tau}
     logging.info("%s: in-loop total %.3f s (median of %d rounds), %.3fx the first (rounds "
                  "%.3f .. %.3f)", name, out[name]["total_seconds"], repeats,
                  out[name]["vs_first"], min(ratios), max(ratios))
@@ -222,7 +223,7 @@ def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
   sizes = lowbits(num_steps, base)
   variants, measured_by_variant, model = {}, {}, None
   resolved_tau = work.session(params, "flash", length, EngineOptions(tau=tau, base=base)
-                              ).engine(work.batch).strategy.tau  # tau='auto': this machine's
+                              ).engine(work.batch).strategy.tau  # the plain schedule's
   totals = in_loop_totals(work, params, length,
                           {variant_name(v): EngineOptions(tau=tau, base=base, smooth=v)
                            for v in smooth}, repeats)
@@ -247,7 +248,8 @@ def _measure(work, length, tau, passes, repeats, spikes, path, base=2,
         "in_loop": {"total_seconds": total["total_seconds"],
                     "mean_seconds": total["total_seconds"] / num_steps,
                     "rounds_seconds": total["rounds_seconds"],
-                    "compile_seconds": total["compile_seconds"]},
+                    "compile_seconds": total["compile_seconds"],
+                    "resolved_tau": total["resolved_tau"]},
         "per_block_size": per_class,
         "spikes": [{"position": int(r) + 1, "block_size": int(sizes[r]),
                     "seconds": float(measured[r])} for r in top],

@@ -86,6 +86,8 @@ def test_bench_generate_stack_every_method(tmp_path, monkeypatch):
   assert strategies["lazy"]["speedup_vs_lazy"] == 1.0
   assert strategies["lazy"]["mixing_roofline_seconds"] > 0
   assert strategies["flash"]["prepare_seconds"] > 0
+  assert isinstance(strategies["flash"]["resolved_tau"], int)  # tau='auto', as resolved
+  assert "resolved_tau" not in strategies["lazy"]
   assert len(strategies["lazy"]["sample_per_token_seconds"]) == 2
   assert [b["bucket"] for b in strategies["recompute"]["buckets"]] == [24]
   assert strategies["recompute"]["head_positions"] == 15
@@ -275,6 +277,7 @@ def test_latency_compares_smoothing_side_by_side(tmp_path):
   assert summary["config"]["resolved_tau"] == 1 and summary["config"]["dft_matmul_max"] > 0
   smoothed = summary["variants"]["smoothed_above_1"]
   assert smoothed["in_loop_total_vs_first"] > 0 and "model" not in smoothed["in_loop"]
+  assert smoothed["in_loop"]["resolved_tau"] == 1
   plain = summary["variants"]["plain"]
   rounds = [s / p for s, p in zip(smoothed["in_loop"]["rounds_seconds"],
                                   plain["in_loop"]["rounds_seconds"])]

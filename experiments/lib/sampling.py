@@ -118,10 +118,13 @@ def full_run(work: Workload, params, strategy: str, length: int, options: Engine
   """Every position [1, L) after a one-position prompt, timed as one call."""
   program = work.program(params, strategy, length, 1, options)
   seconds, runs = median_seconds(program.run, repeats, warmup)
-  return {"total_seconds": seconds, "runs_seconds": runs, "method": "full",
-          "compile_seconds": program.compile_seconds,
-          "tables_compile_seconds": program.tables_compile_seconds,
-          "prepare_seconds": program.prepare_seconds, "xla_memory": program.memory}
+  entry = {"total_seconds": seconds, "runs_seconds": runs, "method": "full",
+           "compile_seconds": program.compile_seconds,
+           "tables_compile_seconds": program.tables_compile_seconds,
+           "prepare_seconds": program.prepare_seconds, "xla_memory": program.memory}
+  if isinstance(program.resolved_tau, (int, str)):
+    entry["resolved_tau"] = program.resolved_tau
+  return entry
 
 
 def lazy_samples(work: Workload, params, starts, k: int, options: EngineOptions,

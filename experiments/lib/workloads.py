@@ -63,6 +63,7 @@ class Program(NamedTuple):
   tables_compile_seconds: float
   prepare_seconds: float       # filter tables (spectra ...) computed once per model, apart
   memory: dict[str, Any]       # `memory_parts` of the session's estimate
+  resolved_tau: Any = None     # flash: the tau its engine runs with (tau='auto' resolved)
 
 
 def fresh_compilation() -> None:
@@ -224,7 +225,7 @@ class Workload:
     session holds them (it lets the filters' parameters go once its tables exist, where its
     strategy's tables hold the filters: `decoding.session.Session.params`)."""
     session = self.session(params() if callable(params) else params, strategy, length, options)
-    session.engine(self.batch)  # tau='auto' resolved before anything is timed
+    engine = session.engine(self.batch)  # tau='auto' resolved before anything is timed
     fresh_compilation()
     with CompileTimer() as tables_timer:
       session.table_parts()
@@ -237,7 +238,7 @@ class Workload:
     steps = length - prompt
     run = (lambda: online(steps)) if steps else prefill
     return Program(run, prefill, timer.seconds, tables_timer.seconds, prepare_seconds,
-                   memory_parts(parts))
+                   memory_parts(parts), getattr(engine.strategy, "tau", None))
 
   def forward(self, params, length: int) -> Program:
     """One offline parallel forward over `length` positions (stack: `ConvStack.forward`; lm:
