@@ -32,8 +32,10 @@ def cpu_count() -> int:
 def device_key() -> str:
   """The backend and device a measurement was made on: on CPU the CPU model and the CPUs this
   process may use (XLA:CPU spreads some operations over them, not others, so one core and two
-  can rank the same programs differently), else the device kind."""
+  can rank the same programs differently), else the device kind; and XLA_FLAGS when set (XLA's
+  scheduler flags change which programs run fastest)."""
   device = jax.devices()[0]
-  if device.platform == "cpu":
-    return f"cpu|{cpu_model()} x{cpu_count()}"
-  return f"{jax.default_backend()}|{device.device_kind}"
+  key = (f"cpu|{cpu_model()} x{cpu_count()}" if device.platform == "cpu"
+         else f"{jax.default_backend()}|{device.device_kind}")
+  flags = os.environ.get("XLA_FLAGS", "").strip()
+  return f"{key}|XLA_FLAGS={flags}" if flags else key
