@@ -16,7 +16,8 @@ r"""Direct vs FFT flash blocks per block size U on this machine, and what the ch
    The crossover (largest U up to which direct was never slower) is reported for both, beside
    the one `tau='auto'` uses now (`crossover.crossover`, from its cache); with --write_cache the
    in-loop crossover and table are written to that cache (`crossover.cache_path()`) under this
-   machine's `crossover.cache_key(channels)`, so later runs of tau='auto' use it.
+   machine's `crossover.cache_key(channels)`, so later runs of tau='auto' that use the binary
+   crossover (base 2, or sessions under 4096 positions: `lcsm_jax.tuning.engine_tau`) read it.
 2. The total flash generation time of the stack at --length for every tau in --taus ('auto',
    'fft', 'direct' or an integer crossover); taus with direct blocks above --max_direct_size are
    skipped.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -30,11 +30,14 @@ from lcsm_jax.tuning import cache as cache_lib
 from lcsm_jax.tuning import crossover as crossover_lib
 from lcsm_jax.tuning import machine
 
-MIN_SESSION_LENGTH = 4096  # shorter sessions use the binary crossover: too short to repay ~10 s
+if TYPE_CHECKING:
+  from lcsm_jax.decoding.options import EngineOptions
+
+MIN_SESSION_LENGTH = 4096  # shorter sessions use the binary crossover: too short to repay ~15 s
 TUNING_LENGTH = 4096       # positions of a timed run (at 4K the ranking was that of 16K)
-MAX_TUNING_WORK = 1 << 23  # channels x positions of a timed run (8 x 256 channels at 4K);
-                           # larger shapes run fewer positions, down to MIN_TUNING_LENGTH,
-MIN_TUNING_LENGTH = 1024   # and past that use the binary crossover
+MAX_TUNING_WORK = 1 << 23  # channels x positions of a timed run (8 x 256 channels at 4K): wider
+                           # shapes run fewer positions
+MIN_TUNING_LENGTH = 1024   # ... but not fewer than this (wider still: the binary crossover)
 ROUNDS = 3                 # timed runs of every candidate, interleaved, after a warm-up run
 
 
@@ -103,7 +106,7 @@ def measure(streams: int, batch: int, width: int, base: int, smooth: Any, taus: 
           "smooth": smooth, "length": length}
 
 
-def crossover(streams: int, batch: int, width: int, options, max_length: int,
+def crossover(streams: int, batch: int, width: int, options: EngineOptions, max_length: int,
               sharded: bool = False) -> int:
   """The crossover that resolves tau='auto' for a session of `max_length` positions over
   `streams` x `batch` x `width` channels with `options` (`EngineOptions`): LCSM_JAX_CROSSOVER
