@@ -6,32 +6,35 @@ rings' tile, isolated blocks do not rank the choices the way the engine does: at
 channels on a 2-core Xeon the binary crossover came out 32, 64 and 2 in turn (tau 4, 16 or 1
 for base 4), while the engine ran 4K positions in 0.37 s with tau 4 against 0.44 s with 16 and
 0.46 s with 1; on one core of the same machine, and for one stream of 2048 channels, it ran
-fastest with 16. So sessions of at least MIN_SESSION_LENGTH positions
-on CPU time the engine itself: a mixing-only stack of the session's streams, batch rows and
-width (`models.conv_stack.ConvStack`) rolled out over TUNING_LENGTH positions with each
-candidate tau (every b^k whose direct rectangle (b - 1) b^k is at most
-`crossover.MAX_DIRECT_SIZE`: 1, 4, 16, 64 for base 4), once per machine, core count and shape
-(about 15 s at 8 x 256), cached in `$LCSM_JAX_CACHE_DIR/engine_tau.json`. The result is
-returned as the widest direct rectangle, (b - 1) tau, which `crossover.direct_limit` maps back
-to tau.
+fastest with 16. So sessions of at least MIN_SESSION_LENGTH positions on CPU time the engine
+itself (the layer below the sessions that call this): a mixing-only stack of the session's
+streams, batch rows and width (`models.conv_stack.ConvStack`), each output fed back as the
+next input, over TUNING_LENGTH positions with each candidate tau (every b^k whose direct
+rectangle (b - 1) b^k is at most `crossover.MAX_DIRECT_SIZE`: 1, 4, 16, 64 for base 4), once
+per machine, core count and shape (about 15 s at 8 x 256), cached in
+`$LCSM_JAX_CACHE_DIR/engine_tau.json`. The result is returned as the widest direct rectangle,
+(b - 1) tau, which `crossover.direct_limit` maps back to tau.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lcsm_jax.decoding import blocks as blocks_lib
+from lcsm_jax.decoding import strategies
+from lcsm_jax.decoding.engine import Engine
+from lcsm_jax.decoding.options import EngineOptions
+from lcsm_jax.models.conv_stack import ConvStack
 from lcsm_jax.tuning import cache as cache_lib
 from lcsm_jax.tuning import crossover as crossover_lib
 from lcsm_jax.tuning import machine
-
-if TYPE_CHECKING:
-  from lcsm_jax.decoding.options import EngineOptions
 
 MIN_SESSION_LENGTH = 4096  # shorter sessions use the binary crossover: too short to repay ~15 s
 TUNING_LENGTH = 4096       # positions of a timed run (at 4K the ranking was that of 16K)
@@ -68,28 +71,33 @@ def candidates(base: int) -> list[int]:
   return sizes
 
 
+def _rollout(params, tables, prompt, *, engine, num_steps: int) -> jax.Array:
+  """The prompt (B, 1, D) prefilled, then `num_steps` positions, each output fed back as the
+  next input (as `decoding.Rollout` does); returns the last output (B, D)."""
+  outputs, state = engine.prefill(params, tables, prompt)
+  _, last = engine.run(params, tables, state, num_steps, outputs[:, -1].astype(jnp.float32),
+                       lambda last, r: last, lambda last, r, out: out.astype(jnp.float32))
+  return last
+
+
+_ROLLOUT = jax.jit(_rollout, static_argnames=("engine", "num_steps"))
+
+
 def measure(streams: int, batch: int, width: int, base: int, smooth: Any, taus: list[int],
             length: int, rounds: int = ROUNDS) -> dict:
   """Times flash rolling out a ConvStack(streams, width) of `batch` rows over `length`
   positions for each tau in `taus` (a warm-up run each, then `rounds` interleaved rounds) and
   returns the medians, the fastest tau and its crossover (b - 1) tau."""
-  # imported here: the decoding sessions import this module to resolve tau
-  from lcsm_jax.decoding import EngineOptions, Rollout  # pylint: disable=g-import-not-at-top
-  from lcsm_jax.models.conv_stack import ConvStack  # pylint: disable=g-import-not-at-top
   stack = ConvStack(streams, width, length)
   params = stack.init(jax.random.key(0))
-  prompt = jax.numpy.asarray(
-      np.random.default_rng(0).standard_normal((batch, 1, width), np.float32))
+  prompt = jnp.asarray(np.random.default_rng(0).standard_normal((batch, 1, width), np.float32))
   runs = {}
   for tau in taus:
-    rollout = Rollout(params, stack, "flash", max_length=length, donate_state=True,
-                      options=EngineOptions(tau=tau, base=base, smooth=smooth,
-                                            check_memory=False))
-
-    def run(rollout=rollout):
-      _, state = rollout.prefill(prompt)
-      return rollout.run(state, length - 1)[0]
-
+    strategy = strategies.create("flash", EngineOptions(tau=tau, base=base, smooth=smooth))
+    engine = Engine(stack, strategy, length)
+    tables = jax.jit(engine.prepare)(params)
+    run = functools.partial(_ROLLOUT, params, tables, prompt, engine=engine,
+                            num_steps=length - 1)
     jax.block_until_ready(run())  # compiles
     runs[tau] = run
   seconds = {tau: [] for tau in taus}
