@@ -28,10 +28,6 @@ PNG (block time vs U; flash time vs tau).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -45,6 +41,7 @@ from experiments.lib.workloads import Workload
 from lcsm_jax.decoding import EngineOptions, parse_tau
 from lcsm_jax.decoding import blocks as blocks_lib
 from lcsm_jax.decoding import schedule
+from lcsm_jax.tuning import cache as cache_lib
 from lcsm_jax.tuning import crossover as crossover_lib
 
 METHODS = ("direct", "fft")
@@ -88,14 +85,9 @@ def write_cache_entry(channels: int, crossover: int, table: dict) -> None:
   """Stores `crossover` (and the table it came from) for tau='auto' under this machine's
   `crossover_lib.cache_key(channels)` in `crossover_lib.cache_path()`, atomically."""
   path, key = crossover_lib.cache_path(), crossover_lib.cache_key(channels)
-  cache = json.loads(path.read_text()) if path.exists() else {}
-  cache[key] = {"crossover": crossover, "channels": channels,
-                "per_block_size": {str(u): v for u, v in table.items()},
-                "source": "experiments/block_crossover.py (in-loop timing)"}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-    json.dump(cache, f, indent=2, sort_keys=True)
-  os.replace(f.name, path)
+  cache_lib.store(path, key, {"crossover": crossover, "channels": channels,
+                              "per_block_size": {str(u): v for u, v in table.items()},
+                              "source": "experiments/block_crossover.py (in-loop timing)"})
   logging.info("wrote crossover %d for %s to %s", crossover, key, path)
 
 

@@ -78,6 +78,16 @@ def test_long_sessions_time_the_engine_once_per_shape_and_core_count(fake_measur
   assert len(fake_measurements["engine"]) == 3
 
 
+def test_an_unwritable_cache_still_gives_the_measurement(fake_measurements, tmp_path,
+                                                        monkeypatch):
+  blocked = tmp_path / "a file, not a directory"
+  blocked.write_text("")
+  monkeypatch.setenv("LCSM_JAX_CACHE_DIR", str(blocked))
+  assert engine_tau.crossover(8, 1, 32, EngineOptions(), 4096) == 3 * 16
+  assert engine_tau.crossover(8, 1, 32, EngineOptions(), 4096) == 3 * 16
+  assert len(fake_measurements["engine"]) == 2  # nothing cached: measured each time
+
+
 def test_a_forced_crossover_skips_every_measurement(fake_measurements, monkeypatch):
   monkeypatch.setenv("LCSM_JAX_CROSSOVER", "40")
   assert engine_tau.crossover(8, 1, 32, EngineOptions(), 8192) == 40

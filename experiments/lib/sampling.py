@@ -122,7 +122,7 @@ def full_run(work: Workload, params, strategy: str, length: int, options: Engine
            "compile_seconds": program.compile_seconds,
            "tables_compile_seconds": program.tables_compile_seconds,
            "prepare_seconds": program.prepare_seconds, "xla_memory": program.memory}
-  if isinstance(program.resolved_tau, (int, str)):
+  if program.resolved_tau is not None:
     entry["resolved_tau"] = program.resolved_tau
   return entry
 

@@ -29,24 +29,25 @@ def read(path: pathlib.Path) -> dict:
 
 def store(path: pathlib.Path, key: str, value: Any) -> None:
   """Adds `key: value` to the cache file at `path`, written atomically (a temporary file
-  renamed into place). A cache that cannot be written (read-only home) is skipped."""
+  renamed into place); OSError when it cannot be written."""
   entries = read(path)
   entries[key] = value
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-      json.dump(entries, f, indent=2, sort_keys=True)
-    os.replace(f.name, path)
-  except OSError:
-    pass
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+    json.dump(entries, f, indent=2, sort_keys=True)
+  os.replace(f.name, path)
 
 
 def measured(path: pathlib.Path, key: str, measure: Callable[[], dict], what: str) -> dict:
   """The entry `key` of the cache at `path`, or `measure()` run now (announced in the log as
-  measuring `what`) and stored."""
+  measuring `what`) and stored (where the cache cannot be written, as in a read-only home,
+  the measurement is still returned)."""
   entry = read(path).get(key)
   if entry is None:
     log.warning("measuring %s on this machine (once; cached in %s)", what, path)
     entry = measure()
-    store(path, key, entry)
+    try:
+      store(path, key, entry)
+    except OSError:
+      pass
   return entry
