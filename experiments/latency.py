@@ -60,6 +60,7 @@ from experiments.lib.workloads import Workload
 from lcsm_jax.decoding import EngineOptions
 from lcsm_jax.decoding import blocks as blocks_lib
 from lcsm_jax.decoding import schedule
+from lcsm_jax.tuning import scheduler
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -75,6 +76,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "false, true or a block size.", **fv)
   flags.register_validator("smooth", lambda v: bool(v) and all(_valid_smooth(x) for x in v),
                            "smooth values must be false, true or integers >= 1.", **fv)
+  flags.DEFINE_enum("concurrency_scheduler", "auto", ["auto", "on", "off"],
+                    "XLA:CPU's concurrency-optimized scheduler for this process "
+                    "(`lcsm_jax.tuning.scheduler`): auto turns it off when a smoothed variant is "
+                    "measured, as lcsm-generate --smooth does; XLA_FLAGS, when it sets the "
+                    "scheduler, wins.", **fv)
   flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "latency.json")
 
 
@@ -338,9 +344,19 @@ def plot(measured_by_variant, model, sizes, variants, path, config) -> None:
   plots.save_figure(fig, path)
 
 
+def choose_scheduler(setting: str, smooth) -> None:
+  """Applies --concurrency_scheduler before JAX starts (`tuning.scheduler`); the choice reaches
+  the results' keys through XLA_FLAGS."""
+  if setting == "off" or (setting == "auto" and any(smooth)):
+    if not scheduler.turn_off_concurrency_scheduler():
+      logging.warning("XLA:CPU's concurrency-optimized scheduler stays on (XLA_FLAGS sets it, "
+                      "or JAX has started).")
+
+
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
+  choose_scheduler(f.concurrency_scheduler, [parse_smooth(v) for v in f.smooth])
   run_latency(flags_lib.workload_from_flags(f, f.length), f.length, flags_lib.tau(f), f.passes,
               f.repeats, f.spikes, f.out, int(f.base), [parse_smooth(v) for v in f.smooth])
 

@@ -271,7 +271,7 @@ def test_latency(tmp_path):
 def test_latency_compares_smoothing_side_by_side(tmp_path):
   out = tmp_path / "latency.json"
   data = _run(latency, out, *TINY, "--length=80", "--passes=1", "--base=4", "--tau=1",
-              "--smooth=false,1")
+              "--smooth=false,1", "--concurrency_scheduler=on")  # XLA_FLAGS left alone
   (summary,) = data["points"].values()
   assert list(summary["variants"]) == ["plain", "smoothed_above_1"]
   assert summary["config"]["resolved_tau"] == 1 and summary["config"]["dft_matmul_max"] > 0

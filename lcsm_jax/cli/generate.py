@@ -47,6 +47,7 @@ from lcsm_jax.decoding.strategies import strategy_class
 from lcsm_jax.io import has_distilled, load_checkpoint, load_distilled
 from lcsm_jax.models.hyena.config import HyenaConfig
 from lcsm_jax.text import Tokenizer, tokenizer_for
+from lcsm_jax.tuning import scheduler
 from lcsm_jax.tuning.timing import CompileTimer
 
 PROG = "lcsm-generate"
@@ -216,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--smooth", action="store_true",
                       help="Flash: spread each large block's work over the steps before its "
                       "outputs are due, so that no token waits for a whole block (a steadier "
-                      "rate per token for a larger total; README, 'Smoothed latency').")
+                      "rate per token for a larger total; README, 'Smoothed latency'). Also "
+                      "turns XLA:CPU's concurrency-optimized scheduler off for the run, "
+                      "unless XLA_FLAGS sets it (on several cores the smoothed schedule is "
+                      "faster without it).")
   parser.add_argument("--step_weights", choices=("float32", "bfloat16"), default="float32",
                       help="The dtype the one-token step reads its dense weights in. bfloat16 "
                       "samples from the model with those weights rounded to bfloat16 (an "
@@ -395,10 +399,26 @@ def _check_comparisons(args: argparse.Namespace, strategy: str, config: HyenaCon
                        f"past l_max: {e}") from None
 
 
+def _prefer_sequential_scheduler(err: TextIO) -> None:
+  """--smooth: XLA:CPU's concurrency-optimized scheduler off for this process, unless XLA_FLAGS
+  chooses (`tuning.scheduler`); says so on `err` when it is too late (JAX already started)."""
+  if scheduler.configured() is not None:
+    return
+  if scheduler.turn_off_concurrency_scheduler():
+    print(f"{PROG}: --smooth: XLA:CPU's concurrency-optimized scheduler is off for this run "
+          f"(set XLA_FLAGS=--{scheduler.FLAG}=true to keep it)", file=err, flush=True)
+  else:
+    print(f"{PROG}: --smooth: JAX has already started, so XLA:CPU keeps its "
+          "concurrency-optimized scheduler (slower smoothed runs on several cores)", file=err,
+          flush=True)
+
+
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   """Loads the model, streams the text to `out`, reports to `err`. Returns the exit code."""
   if args.host_devices is not None:  # before anything starts JAX's backends
     common.set_host_devices(args.host_devices)
+  if args.smooth:  # also before JAX starts
+    _prefer_sequential_scheduler(err)
   args.device_mesh = None if args.mesh is None else common.make_mesh(args.mesh)
   config, params, description = load_checkpoint(args.checkpoint, args.device_mesh)
   strategy, distilled_here = choose_strategy(args.strategy, args.checkpoint)
