@@ -356,9 +356,10 @@ def choose_scheduler(setting: str, smooth) -> None:
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
-  choose_scheduler(f.concurrency_scheduler, [parse_smooth(v) for v in f.smooth])
+  smooth = [parse_smooth(v) for v in f.smooth]
+  choose_scheduler(f.concurrency_scheduler, smooth)
   run_latency(flags_lib.workload_from_flags(f, f.length), f.length, flags_lib.tau(f), f.passes,
-              f.repeats, f.spikes, f.out, int(f.base), [parse_smooth(v) for v in f.smooth])
+              f.repeats, f.spikes, f.out, int(f.base), smooth)
 
 
 if __name__ == "__main__":

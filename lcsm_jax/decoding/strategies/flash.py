@@ -57,6 +57,12 @@ SMOOTHED_ABOVE = 16  # smooth=True spreads the FFT levels larger than this: at 1
                      # (above 64: 11.5x; WORKSPACE.md)
 
 
+def _add_at(buffer: Array, values: Array, start) -> Array:
+  """`buffer` with `values` added into its block at `start` (in place under jit)."""
+  current = lax.dynamic_slice(buffer, start, values.shape)
+  return lax.dynamic_update_slice(buffer, current + values, start)
+
+
 class FlashTables(NamedTuple):
   taps: Array                # (T, S, D)
   spectra: dict[int, Array]  # {U: (distances, S, D, U + 1)} spectra of the filter windows
@@ -438,10 +444,8 @@ class Flash(base.MixingStrategy):
               window, blocks_lib.filter_spectrum(taps[:, :, 0, :], size)[:, None], out_len)
         out = jnp.moveaxis(lax.fori_loop(0, slot, square,
                                          jnp.zeros((out_len,) + shape, jnp.float32)), 0, -1)
-      target = (s, 0, c, end % staged)
-      current = lax.dynamic_slice(state.staged_outputs, target, out.shape)
-      return state._replace(staged_outputs=lax.dynamic_update_slice(
-          state.staged_outputs, current + out, target))
+      return state._replace(staged_outputs=_add_at(state.staged_outputs, out,
+                                                   (s, 0, c, end % staged)))
 
     return self._groups(rows, state.staged_inputs.shape[:3], compute, state)
 
@@ -466,13 +470,12 @@ class Flash(base.MixingStrategy):
 
     def compute(state, s, c, shape):
       streams, batch, chunk = shape
-      if staged:  # the tile just completed; scaled as below, so that it is not hoisted
-        window = lax.dynamic_slice(state.staged_inputs, (s, 0, c, 0), shape + (size,)) * (
-            jnp.asarray(1 + trip, jnp.float32))
+      if staged:  # the tile just completed: the whole staging buffer, as in the ring's case
+        window = lax.dynamic_slice(state.staged_inputs, (s, 0, c, 0), shape + (size,))
       else:
         window = lax.dynamic_slice(state.inputs, (s, 0, c, (end - size) % ring),
                                    shape + (size,))
-      if size == ring and not staged:
+      if staged or size == ring:
         window = window * jnp.asarray(1 + trip, window.dtype)
       x = blocks_lib.input_spectrum(window)  # (S', B, D', U + 1)
 
@@ -513,14 +516,8 @@ class Flash(base.MixingStrategy):
         state = state._replace(input_spectra={**state.input_spectra, size: spectra})
       out = blocks_lib.outputs_from_spectrum(product, plan.rows_written(level))
       if staged:
-        target = (s, 0, c, 0)
-        current = lax.dynamic_slice(state.staged_outputs, target, out.shape)
-        return state._replace(staged_outputs=lax.dynamic_update_slice(
-            state.staged_outputs, current + out, target))
-      target = (s, 0, c, end % ring)
-      current = lax.dynamic_slice(state.outputs, target, out.shape)
-      return state._replace(outputs=lax.dynamic_update_slice(state.outputs, current + out,
-                                                             target))
+        return state._replace(staged_outputs=_add_at(state.staged_outputs, out, (s, 0, c, 0)))
+      return state._replace(outputs=_add_at(state.outputs, out, (s, 0, c, end % ring)))
 
     return self._groups(size, state.staged_inputs.shape[:3], compute, state)
 
@@ -692,11 +689,8 @@ class Flash(base.MixingStrategy):
     else:
       product = product + older
     out = blocks_lib.outputs_from_spectrum(product, size)
-    target = (s, 0, c, (block * size) % ring)
-    current = lax.dynamic_slice(state.outputs, target, out.shape)
-    return state._replace(
-        outputs=lax.dynamic_update_slice(state.outputs, current + out, target),
-        input_spectra={**state.input_spectra, size: spectra})
+    return state._replace(outputs=_add_at(state.outputs, out, (s, 0, c, (block * size) % ring)),
+                          input_spectra={**state.input_spectra, size: spectra})
 
   def _older_squares(self, tables: FlashTables, spectra: Array, size: int, tiling_base: int, block,
                      delay: int, s, c, shape, product: Array) -> Array:
