@@ -296,3 +296,35 @@ def test_unresolved_tables_hold_the_direct_taps_of_every_auto_tau(base):
     windows = [plan.direct_window(k) + plan.size(k) for k in range(plan.num_levels)
                if config.method(plan.size(k)) == "direct"]
     assert max(windows, default=0) <= unresolved, crossover
+
+
+@pytest.mark.parametrize("base", [2, 4, 8])
+def test_the_token_loop_reads_the_direct_taps_of_the_resolved_tau(base):
+  """Tables made before tau='auto' was resolved hold the direct taps of the largest tau; the
+  token loop of the resolved strategy reads exactly those its own tables would hold (a cut of
+  the rows, not a strided read of the whole table)."""
+  taps = jax.random.normal(jax.random.key(base), (700, 2, 3))
+  options = decoding.EngineOptions(base=base)
+  unresolved = Flash(options).prepare(taps)
+  for crossover in (1, 4, 16, 64, crossover_lib.MAX_DIRECT_SIZE):
+    resolved = Flash(options, crossover=crossover)
+    own = resolved._direct_taps_table(taps)  # pylint: disable=protected-access
+    cut = resolved.loop_tables(unresolved, 700).direct_taps
+    chex.assert_trees_all_equal(cut, own)
+    assert cut.shape[-1] <= unresolved.direct_taps.shape[-1]
+  assert Flash(options).loop_tables(unresolved, 700) is unresolved  # unresolved: as it is
+
+
+@pytest.mark.parametrize("crossover", ["3", "12", "48"])
+def test_a_resolved_auto_tau_rollout_matches_direct_forward(crossover, monkeypatch):
+  """tau='auto' resolved by a forced crossover (direct levels up to 1, 4 or 16 in base 4),
+  run from tables made before the resolution, reproduces the float64 forward."""
+  monkeypatch.setenv("LCSM_JAX_CROSSOVER", crossover)
+  stack = ConvStack(2, 5, 90)
+  params = stack.init(jax.random.key(11))
+  prompt = jax.random.normal(jax.random.key(12), (2, 3, 5))
+  rollout = decoding.Rollout(params, stack, "flash", max_length=90)
+  assert rollout.engine(2).strategy.tau == crossover_lib.direct_limit(4, int(crossover))
+  outputs, state = rollout.prefill(prompt)
+  rest, _ = rollout.run(state, 87)
+  check_rollout(stack, params, prompt, 87, jnp.concatenate([outputs, rest], axis=1))

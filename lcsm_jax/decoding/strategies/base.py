@@ -73,6 +73,11 @@ class StrategyBase:
     None (the model's own)."""
     return None
 
+  def loop_tables(self, tables: Tables, num_steps: int) -> Tables:
+    """The tables as the token loop of a plan of `num_steps` steps reads them (default: as
+    they are): a strategy may cut them to what that loop needs, once per call."""
+    return tables
+
   def aux_layout(self, aux: Any) -> Any:
     """Logical PartitionSpecs of `aux` (default: replicated)."""
     return sharding.REPLICATED
@@ -102,6 +107,7 @@ class MixingStrategy(StrategyBase):
       io = steps.emit(io, r, output)
       return (carry, io, steps.feed(io, r + 1)), inputs
 
+    tables = self.loop_tables(tables, num_steps)
     tables_in, state_in = self.table_layout(tables), self.state_layout(state)
     pending = steps.local(lambda t, s, r: self.pending(t, s, r),
                           (tables_in, state_in, sharding.REPLICATED), sharding.STREAMS)
