@@ -6,7 +6,8 @@ ones, and 'modal' on the filters `distill` fits).
 """
 
 from lcsm_jax.decoding import (STRATEGIES, DecodeState, Decoder, EngineOptions, GenerationOutput,
-                               InsufficientMemoryError, generate, teacher_forced_logits)
+                               InsufficientMemoryError, clear_caches, generate,
+                               teacher_forced_logits)
 from lcsm_jax.distillation import Distilled, distill
 from lcsm_jax.errors import CheckpointError
 from lcsm_jax.io import load_byte_lm, load_hyenadna, load_params, read_metadata, save_params
@@ -15,6 +16,6 @@ from lcsm_jax.models.hyena import PRESETS, HyenaConfig, HyenaLM, cast_params, in
 __all__ = [
     "CheckpointError", "DecodeState", "Decoder", "Distilled", "EngineOptions", "GenerationOutput",
     "HyenaConfig", "HyenaLM", "InsufficientMemoryError", "PRESETS", "STRATEGIES", "cast_params",
-    "distill", "generate", "init_params", "load_byte_lm", "load_hyenadna", "load_params", "preset",
-    "read_metadata", "save_params", "teacher_forced_logits",
+    "clear_caches", "distill", "generate", "init_params", "load_byte_lm", "load_hyenadna",
+    "load_params", "preset", "read_metadata", "save_params", "teacher_forced_logits",
 ]

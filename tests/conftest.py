@@ -1,4 +1,5 @@
-"""Shared test fixtures: the HyenaDNA reference fixture and the slow-test switch."""
+"""Shared test fixtures: the HyenaDNA reference fixture, the slow-test switch, and the release of
+compiled programs when the process holds too many of them."""
 
 import os
 import pathlib
@@ -6,6 +7,9 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+
+import lcsm_jax
+from lcsm_jax.decoding import memory
 
 # A copy of ../shared/fixtures/hyenadna_tiny (see tests/fixtures/README.md), so CI needs nothing
 # outside the repository.
@@ -40,3 +44,19 @@ def _no_x64_leak():
   assert not jax.config.jax_enable_x64, "jax_enable_x64 was left on by an earlier test"
   yield
   assert not jax.config.jax_enable_x64, "this test left jax_enable_x64 on"
+
+
+# Each compiled XLA:CPU program keeps its code in memory mappings of its own; a pytest-xdist
+# worker that runs half the suite compiles thousands of programs and reached the kernel's limit
+# (vm.max_map_count, 65530), where XLA's compiler crashed with a segmentation fault. Well below it:
+_MAX_MAPPINGS = 20_000
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+  """After a test, if the process holds more than _MAX_MAPPINGS mappings, the library's and
+  JAX's compiled programs are forgotten (later tests compile theirs anew)."""
+  yield
+  counts = memory.memory_mappings()
+  if counts is not None and counts[0] > _MAX_MAPPINGS:
+    lcsm_jax.clear_caches()

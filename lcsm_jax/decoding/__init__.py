@@ -5,6 +5,7 @@ that implements `models.interface.OnlineModel`, with the strategies of `strategi
   Rollout      the same for vector models whose output is the next input (ConvStack)
   generate, teacher_forced_logits   one-call wrappers of Decoder
   Engine       model + strategy + length: tables, prefill, runs of positions (model-agnostic)
+  clear_caches forget the compiled programs kept by the library and by JAX
 """
 
 from lcsm_jax.decoding.decoder import Decoder, DecodeState, GenerationOutput
@@ -13,10 +14,11 @@ from lcsm_jax.decoding.functions import generate, teacher_forced_logits
 from lcsm_jax.decoding.memory import InsufficientMemoryError
 from lcsm_jax.decoding.options import EngineOptions, parse_tau
 from lcsm_jax.decoding.rollout import Rollout, RolloutState, rollout
+from lcsm_jax.decoding.session import clear_caches
 from lcsm_jax.decoding.strategies import EXACT_STRATEGIES, STRATEGIES
 
 __all__ = [
     "DecodeState", "Decoder", "EXACT_STRATEGIES", "Engine", "EngineOptions", "EngineState",
     "EngineTables", "GenerationOutput", "InsufficientMemoryError", "Rollout", "RolloutState",
-    "STRATEGIES", "generate", "parse_tau", "rollout", "teacher_forced_logits",
+    "STRATEGIES", "clear_caches", "generate", "parse_tau", "rollout", "teacher_forced_logits",
 ]

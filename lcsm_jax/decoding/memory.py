@@ -59,6 +59,21 @@ def _host_available_bytes() -> int | None:
   return available
 
 
+def memory_mappings() -> tuple[int, int] | None:
+  """(mappings this process holds, the kernel's limit `vm.max_map_count`), None off Linux.
+
+  Every compiled XLA:CPU program keeps its code in a few mappings of its own, so a process
+  that keeps thousands of programs alive nears the limit; there XLA's compiler fails to map
+  the next program and crashes the process."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      held = sum(1 for _ in f)
+    limit = int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+  except (OSError, ValueError):
+    return None
+  return held, limit
+
+
 def available_bytes(device: jax.Device | None = None) -> tuple[int | None, str]:
   """(bytes free, where that figure comes from) on `device` (default: the first device).
 

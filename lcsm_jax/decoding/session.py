@@ -9,6 +9,7 @@ and every compiled program is specialised on its arguments' shardings.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -48,8 +49,25 @@ def abstract(sig: tuple) -> Any:
 @functools.lru_cache(maxsize=256)
 def compile_program(program: Callable, static: tuple, sig: tuple) -> Any:
   """`program` (a jitted function) lowered for arguments of signature `sig` and static keyword
-  arguments `static` ((name, value) pairs), compiled once per process."""
+  arguments `static` ((name, value) pairs), compiled once per process.
+
+  Before compiling, a process that holds more than 3/4 of the kernel's memory mappings (see
+  `memory.memory_mappings`) forgets its compiled programs (`clear_caches`, with a warning),
+  rather than letting XLA's compiler crash at the limit."""
+  _release_programs_near_mapping_limit()
   return program.lower(*abstract(sig), **dict(static)).compile()
+
+
+def _release_programs_near_mapping_limit() -> None:
+  counts = memory.memory_mappings()
+  if counts is None or counts[0] <= counts[1] * 3 // 4:
+    return
+  warnings.warn(
+      f"this process holds {counts[0]} memory mappings of the {counts[1]} the kernel allows "
+      "(vm.max_map_count; each compiled XLA program keeps a few), where XLA's compiler would "
+      "crash: lcsm_jax cleared the compiled programs it and JAX keep (lcsm_jax.clear_caches); "
+      "the next calls compile anew.", RuntimeWarning, stacklevel=4)
+  clear_caches()
 
 
 @functools.lru_cache(maxsize=256)
@@ -57,6 +75,21 @@ def shapes_of(fn: Callable, static: tuple, sig: tuple) -> Any:
   """`jax.eval_shape` of fn(*args, **static) for arguments of signature `sig`, traced once per
   process (a repeated estimate then costs no tracing)."""
   return jax.eval_shape(functools.partial(fn, **dict(static)), *abstract(sig))
+
+
+def clear_caches() -> None:
+  """Forgets every compiled program this library keeps (the sessions' programs, their shapes
+  and memory analyses) and JAX's own caches (`jax.clear_caches`); the next call compiles anew.
+
+  Each compiled XLA:CPU program holds its machine code in a few memory mappings of its own. A
+  process that compiles thousands of programs (a test suite, a sweep over many shapes and
+  strategies) can reach the kernel's limit on mappings (`vm.max_map_count`, 65530 by default),
+  and XLA's compiler then crashes (a segmentation fault). Call this between unrelated workloads
+  of such a process; the programs still referenced elsewhere stay alive."""
+  compile_program.cache_clear()
+  shapes_of.cache_clear()
+  memory.program_bytes.cache_clear()
+  jax.clear_caches()
 
 
 def _prepare(params, aux, *, engine: Engine) -> EngineTables:
