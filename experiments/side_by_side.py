@@ -3,6 +3,8 @@ r"""Per-token time of several generation configurations, measured side by side i
   python -m experiments.side_by_side                  # LM 256/8/1024 at 16K: modal, flash, bare
   python -m experiments.side_by_side --model=lm --length=16384 --rounds=5 \
       --configs=modal,flash,bare,modal:bfloat16,flash:bfloat16
+  python -m experiments.side_by_side --model=stack --length=16384 --rounds=9 \
+      --configs=flash,offline --reference=offline     # flash / offline forward, per round
 
 On a shared machine the speed of a run drifts by tens of percent within minutes, so a ratio
 taken from two runs made one after the other says little. Here every configuration is compiled
@@ -14,9 +16,10 @@ ratio reference / configuration of every round, and its median (> 1: faster than
 reference).
 
 A configuration is `strategy[:step_weights]`: a registered strategy ('flash', 'modal', 'lazy',
-'eager', 'recompute'; each run in full, so keep the slow ones to short lengths) or 'bare' (the
+'eager', 'recompute'; each run in full, so keep the slow ones to short lengths), 'bare' (the
 same token loop with the long convolutions removed: `experiments.distill.bare_program`, float32
-step weights only), and, for the language model, 'float32' (default) or 'bfloat16' step weights
+step weights only) or 'offline' (one parallel forward over the L positions, FFT convolutions:
+`Workload.forward`, the reference of `bench_generate`'s "x offline forward"), and, for the language model, 'float32' (default) or 'bfloat16' step weights
 (`lcsm_jax.Decoder(step_weights=...)`). Modal runs on random order --modal_order filters (its
 per-token cost does not depend on their values; `experiments.distill.random_modal_filters`).
 
@@ -46,6 +49,7 @@ from lcsm_jax.decoding import strategies as strategies_lib
 from lcsm_jax.tuning.timing import median_seconds
 
 STEP_WEIGHTS = ("float32", "bfloat16")
+EXTRA_CONFIGS = ("bare", "offline")  # configurations that are not strategies
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -64,7 +68,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """One configuration: a strategy (or 'bare') and the step's weight dtype."""
+  """One configuration: a strategy (or 'bare', 'offline') and the step's weight dtype."""
 
   strategy: str
   step_weights: str = "float32"
@@ -78,15 +82,15 @@ class Config:
   def parse(cls, text: str, model: str) -> "Config":
     strategy, _, dtype = text.strip().partition(":")
     dtype = dtype or "float32"
-    known = ("bare",) + strategies_lib.STRATEGIES
+    known = EXTRA_CONFIGS + strategies_lib.STRATEGIES
     if strategy not in known:
       raise ValueError(f"--configs: unknown strategy {strategy!r} in {text!r}; one of {known}.")
     if dtype not in STEP_WEIGHTS:
       raise ValueError(f"--configs: step weights must be one of {STEP_WEIGHTS}, got {dtype!r} "
                        f"in {text!r}.")
-    if dtype != "float32" and (model != "lm" or strategy == "bare"):
+    if dtype != "float32" and (model != "lm" or strategy in EXTRA_CONFIGS):
       raise ValueError(f"--configs: {text!r}: bfloat16 step weights apply to the language "
-                       "model's strategies only (not the stack, not 'bare').")
+                       "model's strategies only (not the stack, not 'bare' or 'offline').")
     return cls(strategy, dtype)
 
 
@@ -111,6 +115,8 @@ def program(config: Config, work: workloads.Workload, params, length: int,
   """The compiled program of `config` for positions 1 .. length - 1."""
   if config.strategy == "bare":
     return distill_lib.bare_program(work, params, length)
+  if config.strategy == "offline":
+    return work.forward(params, length)
   work = work.replace(step_weights=config.step_weights)
   if config.strategy == "modal":
     filters = distill_lib.random_modal_filters(work.streams, work.width, modal_order)

@@ -11,6 +11,11 @@ import pytest
 import lcsm_jax
 from lcsm_jax.decoding import memory
 
+# JAX's backends start here, before any test: a command-line run inside a test (lcsm-generate
+# turns XLA:CPU's concurrency-optimized scheduler off through XLA_FLAGS before JAX starts) then
+# never changes the process's XLA_FLAGS, which EngineOptions.smooth='auto' reads.
+jax.devices()
+
 # A copy of ../shared/fixtures/hyenadna_tiny (see tests/fixtures/README.md), so CI needs nothing
 # outside the repository.
 FIXTURE_DIR = pathlib.Path(

@@ -260,12 +260,13 @@ def test_extreme_temperatures_are_their_limits_without_warnings(capsys):
 
 
 def test_smooth_prints_the_text_of_the_plain_schedule(capsys, fixture_dir):
-  """--smooth (flash's smoothed schedule) samples the same tokens: 150 tokens reach the
-  levels above 16 positions with tau=4."""
+  """--smooth (flash's smoothed schedule) and the default (smooth='auto') sample the tokens of
+  --no-smooth: 150 tokens reach the levels above 16 positions with tau=4."""
   argv = ["--checkpoint", str(fixture_dir), "--prompt", "acgtnA", "--num_tokens", "150",
           "--seed", "5", "--tau", "4", "--chunk_tokens", "70"]
-  code, plain, err = _run(capsys, *argv)
+  code, plain, err = _run(capsys, *argv, "--no-smooth")
   assert code == 0, err
-  code, smoothed, err = _run(capsys, *argv, "--smooth")
-  assert code == 0, err
-  assert smoothed == plain and len(plain) > 150
+  for flag in ("--smooth", None):
+    code, out, err = _run(capsys, *argv, *([flag] if flag else []))
+    assert code == 0, err
+    assert out == plain and len(plain) > 150, flag

@@ -203,9 +203,9 @@ def test_jax_scalar_options_are_accepted(params):
     (dict(strategy="eager", chunk=-1), ValueError, "chunk must be a power of two"),
     (dict(strategy="lazy", chunk=0), ValueError, "chunk must be a power of two"),
     (dict(chunk=2.0), TypeError, "chunk must be an integer"),
-    (dict(smooth=0), ValueError, "smooth must be True, False or a block size >= 1"),
-    (dict(smooth=2.5), ValueError, "smooth must be True, False or a block size >= 1"),
-    (dict(smooth="yes"), ValueError, "smooth must be True, False or a block size >= 1"),
+    (dict(smooth=0), ValueError, "smooth must be 'auto', True, False or a block size >= 1"),
+    (dict(smooth=2.5), ValueError, "smooth must be 'auto', True, False or a block size >= 1"),
+    (dict(smooth="yes"), ValueError, "smooth must be 'auto', True, False or a block size >= 1"),
     (dict(row_keys=jax.random.split(jax.random.key(0), 3)), ValueError, "one key per row"),
     (dict(row_keys=np.zeros((2,), np.float32)), TypeError, "row_keys must be"),
 ])

@@ -1,6 +1,7 @@
 """`lcsm_jax.tuning.scheduler`: XLA:CPU's concurrency-optimized scheduler turned off for the
 process through XLA_FLAGS, only before JAX starts and never over the user's own setting; and
-the applications that choose it (`lcsm-generate --smooth`, `experiments.latency`)."""
+the applications that choose it (`lcsm-generate`, `experiments.latency`); smooth='auto'
+follows it."""
 
 import io
 import os
@@ -8,9 +9,16 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from experiments import latency
+from lcsm_jax.decoding import options as options_lib
+from lcsm_jax.decoding import strategies
+from lcsm_jax.decoding.options import EngineOptions
+from lcsm_jax.decoding.session import Session
+from lcsm_jax.decoding.strategies.flash import Flash
+from lcsm_jax.models.conv_stack import ConvStack
 from lcsm_jax.cli import generate
 from lcsm_jax.tuning import scheduler
 
@@ -77,19 +85,41 @@ def test_a_fresh_process_runs_with_the_flag():
   assert result.stdout.split("\n")[:2] == [OFF, "64.0"]
 
 
-def test_generate_smooth_turns_it_off_or_says_why_not(monkeypatch):
+@pytest.mark.parametrize("smooth", [None, True, False])
+def test_generate_turns_it_off_or_says_why_not(monkeypatch, smooth):
+  """lcsm-generate turns the scheduler off quietly before JAX starts, whatever --smooth says;
+  when JAX already runs, only an explicit --smooth is told that it is too late."""
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   err = io.StringIO()
-  generate._prefer_sequential_scheduler(err)  # JAX runs in this process: too late
-  assert "JAX has already started" in err.getvalue() and "XLA_FLAGS" not in os.environ
+  generate._prefer_sequential_scheduler(smooth, err)  # JAX runs in this process: too late
+  assert ("JAX has already started" in err.getvalue()) is bool(smooth)
+  assert "XLA_FLAGS" not in os.environ
   monkeypatch.setattr(scheduler, "backends_started", lambda: False)
   err = io.StringIO()
-  generate._prefer_sequential_scheduler(err)
-  assert "scheduler is off for this run" in err.getvalue()
-  assert os.environ["XLA_FLAGS"] == OFF
-  err = io.StringIO()
-  generate._prefer_sequential_scheduler(err)  # XLA_FLAGS chooses now: nothing to say
-  assert err.getvalue() == ""
+  generate._prefer_sequential_scheduler(smooth, err)
+  assert err.getvalue() == "" and os.environ["XLA_FLAGS"] == OFF
+  generate._prefer_sequential_scheduler(smooth, err)  # XLA_FLAGS chooses now: unchanged
+  assert err.getvalue() == "" and os.environ["XLA_FLAGS"] == OFF
+
+
+@pytest.mark.parametrize("flags, smooth", [
+    ("", False), (OFF, options_lib.SMOOTH_AUTO),
+    ("--xla_cpu_enable_concurrency_optimized_scheduler=true", False),
+    (f"--xla_force_host_platform_device_count=1 {OFF}", options_lib.SMOOTH_AUTO)])
+def test_smooth_auto_follows_the_scheduler(monkeypatch, flags, smooth):
+  """smooth='auto' (the default) smooths above 64 positions where the scheduler is off, as
+  sessions and flash strategies see it; explicit settings stay as given."""
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  assert EngineOptions().smooth == "auto"
+  assert EngineOptions().resolved().smooth == smooth
+  assert Flash(EngineOptions(tau=1)).options.smooth == smooth
+  assert strategies.create("flash", EngineOptions()).options.smooth == smooth
+  for given in (False, True, 16):
+    assert EngineOptions(smooth=given).resolved().smooth is given
+  stack = ConvStack(num_layers=1, width=2, l_max=32)
+  session = Session(stack.init(jax.random.key(0)), stack, "flash", options=EngineOptions(tau=1))
+  assert session.options.smooth == smooth
+  assert session.engine(1).strategy.options.smooth == smooth
 
 
 @pytest.mark.parametrize("setting, smooth, turned_off", [

@@ -23,7 +23,7 @@ def _run(out, *argv: str) -> dict:
 
 @pytest.mark.parametrize("model, configs", [
     ("lm", "modal,flash,bare,flash:bfloat16"),
-    ("stack", "flash,modal,bare,lazy"),
+    ("stack", "flash,modal,bare,lazy,offline"),
 ])
 def test_every_configuration_every_round(tmp_path, model, configs):
   out = tmp_path / "sbs.json"
@@ -55,6 +55,7 @@ def test_every_configuration_every_round(tmp_path, model, configs):
     (["--configs=flash,flash:float16"], "step weights must be one of"),
     (["--model=stack", "--configs=flash:bfloat16"], "language model's strategies only"),
     (["--configs=bare:bfloat16,flash"], "language model's strategies only"),
+    (["--configs=offline:bfloat16,flash"], "language model's strategies only"),
     (["--configs=flash,flash"], "distinct"),
     (["--configs=modal,bare"], "--reference 'flash' is not one of"),
     (["--rounds=0"], "--rounds must be >= 1"),

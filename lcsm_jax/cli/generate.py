@@ -124,7 +124,7 @@ def generate_chunks(params: Any, config: HyenaConfig, prompt_ids: np.ndarray, nu
                     check_memory: bool = True, distilled: Any = None,
                     stats: GenerationStats | None = None,
                     mesh: jax.sharding.Mesh | None = None,
-                    step_weights: str = "float32", smooth: bool = False
+                    step_weights: str = "float32", smooth: bool | int | str = "auto"
                     ) -> Iterator[np.ndarray]:
   """Yields the `num_tokens` tokens after `prompt_ids` (P,) in chunks of ids (<= chunk_tokens,).
 
@@ -214,13 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--tau", type=common.from_parser(parse_tau), default="auto",
                       help="Flash block implementation: auto, direct, fft, pallas, or an "
                       "integer crossover (direct for blocks <= tau).")
-  parser.add_argument("--smooth", action="store_true",
+  parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
                       help="Flash: spread each large block's work over the steps before its "
                       "outputs are due, so that no token waits for a whole block (a steadier "
-                      "rate per token for a larger total; README, 'Smoothed latency'). Also "
-                      "turns XLA:CPU's concurrency-optimized scheduler off for the run, "
-                      "unless XLA_FLAGS sets it (on several cores the smoothed schedule is "
-                      "faster without it).")
+                      "rate per token; README, 'Smoothed latency'): --smooth smooths the levels "
+                      "above 16 positions, --no-smooth keeps the plain tiling. Default: the "
+                      "levels above 64 positions when XLA:CPU's concurrency-optimized "
+                      "scheduler is off, which this command makes it for its run unless "
+                      "XLA_FLAGS sets it (EngineOptions.smooth='auto').")
   parser.add_argument("--step_weights", choices=("float32", "bfloat16"), default="float32",
                       help="The dtype the one-token step reads its dense weights in. bfloat16 "
                       "samples from the model with those weights rounded to bfloat16 (an "
@@ -273,7 +274,7 @@ def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConf
                                check_memory=not args.no_memory_check, distilled=distilled,
                                stats=stats, mesh=getattr(args, "device_mesh", None),
                                step_weights=getattr(args, "step_weights", "float32"),
-                               smooth=getattr(args, "smooth", False)):
+                               smooth=_smooth_option(getattr(args, "smooth", None))):
     chunks.append(chunk)
     if out is not None:
       out.write(head + decode(chunk, False))
@@ -399,15 +400,19 @@ def _check_comparisons(args: argparse.Namespace, strategy: str, config: HyenaCon
                        f"past l_max: {e}") from None
 
 
-def _prefer_sequential_scheduler(err: TextIO) -> None:
-  """--smooth: XLA:CPU's concurrency-optimized scheduler off for this process, unless XLA_FLAGS
-  chooses (`tuning.scheduler`); says so on `err` when it is too late (JAX already started)."""
-  if scheduler.configured() is not None:
+def _smooth_option(flag: bool | None) -> bool | str:
+  """--smooth / --no-smooth / neither: EngineOptions.smooth True / False / 'auto'."""
+  return "auto" if flag is None else flag
+
+
+def _prefer_sequential_scheduler(smooth: bool | None, err: TextIO) -> None:
+  """XLA:CPU's concurrency-optimized scheduler off for this process, unless XLA_FLAGS chooses
+  (`tuning.scheduler`): the smoothed schedule needs it off to meet its targets and the plain
+  one is no slower. With --smooth, says so on `err` when it is too late (JAX already
+  started)."""
+  if scheduler.configured() is not None or scheduler.turn_off_concurrency_scheduler():
     return
-  if scheduler.turn_off_concurrency_scheduler():
-    print(f"{PROG}: --smooth: XLA:CPU's concurrency-optimized scheduler is off for this run "
-          f"(set XLA_FLAGS=--{scheduler.FLAG}=true to keep it)", file=err, flush=True)
-  else:
+  if smooth:
     print(f"{PROG}: --smooth: JAX has already started, so XLA:CPU keeps its "
           "concurrency-optimized scheduler (slower smoothed runs on several cores)", file=err,
           flush=True)
@@ -417,8 +422,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
   """Loads the model, streams the text to `out`, reports to `err`. Returns the exit code."""
   if args.host_devices is not None:  # before anything starts JAX's backends
     common.set_host_devices(args.host_devices)
-  if args.smooth:  # also before JAX starts
-    _prefer_sequential_scheduler(err)
+  _prefer_sequential_scheduler(args.smooth, err)  # also before JAX starts
   args.device_mesh = None if args.mesh is None else common.make_mesh(args.mesh)
   config, params, description = load_checkpoint(args.checkpoint, args.device_mesh)
   strategy, distilled_here = choose_strategy(args.strategy, args.checkpoint)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+import jax
+
 from lcsm_jax.decoding import blocks
 from lcsm_jax.decoding.schedule import BASES
 
 TAU_NAMES = ("auto",) + blocks.IMPLEMENTATIONS
 GROUP_BYTES = 1 << 27  # flash blocks whose input window is larger run in groups
+SMOOTH_AUTO = 64  # smooth='auto', where it smooths: the levels above 64 positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +46,12 @@ class EngineOptions:
       token waits for a whole large block: those levels cover the pairs at least two blocks
       apart, the bridge level below them also the pairs next to the diagonal. Costs more
       transforms and products in all (see the README's latency section) and rings of twice
-      the positions. False: the plain tiling.
+      the positions. False: the plain tiling. 'auto' (the default): SMOOTH_AUTO where the
+      process runs XLA:CPU with its concurrency-optimized scheduler off (XLA_FLAGS, as
+      `lcsm-generate` does; `lcsm_jax.tuning.scheduler`), where the smoothed schedule met its
+      targets (max token latency <= 10x the median, total within 1.2x of the plain one);
+      False otherwise (with the scheduler on, the smoothed total was 1.12-1.35x). Decided
+      by `resolved()`, which sessions and strategies call when they are made.
     group_bytes: flash blocks whose input window exceeds this many bytes run in groups of one
       stream and part of the channels, bounding their FFT temporaries.
     chunk: positions per inner iteration of the lazy and eager strategies (a power of two).
@@ -57,7 +65,7 @@ class EngineOptions:
   layer_parallel: bool = True
   precomputed_spectra: bool = True
   spectra_max_size: int | None | str = "auto"
-  smooth: bool | int = False
+  smooth: bool | int | str = "auto"
   group_bytes: int = GROUP_BYTES
   chunk: int = 256
   check_memory: bool = True
@@ -80,13 +88,24 @@ class EngineOptions:
                        f"{self.spectra_max_size!r}.")
     if self.group_bytes < 0:
       raise ValueError(f"group_bytes must be >= 0, got {self.group_bytes}.")
-    if not isinstance(self.smooth, (bool, int)) or (
+    if isinstance(self.smooth, str):
+      if self.smooth != "auto":
+        raise ValueError(f"smooth must be 'auto', True, False or a block size >= 1 (the levels "
+                         f"above it are smoothed), got {self.smooth!r}.")
+    elif not isinstance(self.smooth, (bool, int)) or (
         not isinstance(self.smooth, bool) and self.smooth < 1):
-      raise ValueError(f"smooth must be True, False or a block size >= 1 (the levels above it "
-                       f"are smoothed), got {self.smooth!r}.")
+      raise ValueError(f"smooth must be 'auto', True, False or a block size >= 1 (the levels "
+                       f"above it are smoothed), got {self.smooth!r}.")
     for name in ("layer_parallel", "precomputed_spectra", "check_memory"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
+  def resolved(self) -> "EngineOptions":
+    """These options with smooth='auto' decided for this process (see `smooth`); the same
+    options when nothing is 'auto'."""
+    if self.smooth != "auto":
+      return self
+    return dataclasses.replace(self, smooth=SMOOTH_AUTO if smoothing_preferred() else False)
 
   @classmethod
   def create(cls, options: "EngineOptions | None" = None, **overrides) -> "EngineOptions":
@@ -99,6 +118,13 @@ class EngineOptions:
     if unknown:
       raise TypeError(f"unknown engine option(s) {unknown}; EngineOptions has {names}.")
     return dataclasses.replace(options, **overrides) if overrides else options
+
+
+def smoothing_preferred() -> bool:
+  """Whether smooth='auto' smooths: on the CPU backend, with XLA:CPU's concurrency-optimized
+  scheduler off in XLA_FLAGS (read when JAX started its backends; `tuning.scheduler`)."""
+  from lcsm_jax.tuning import scheduler  # pylint: disable=import-outside-toplevel
+  return scheduler.configured() is False and jax.default_backend() == "cpu"
 
 
 def check_tau(tau) -> str | int | tuple[tuple[int, str], ...]:

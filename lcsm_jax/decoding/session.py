@@ -130,7 +130,7 @@ class Session:
     self.sharding = sharding
     self.model = model
     self.strategy = strategy
-    self.options = options if options is not None else EngineOptions()
+    self.options = (options if options is not None else EngineOptions()).resolved()
     if max_length is None:
       max_length = model.max_length
     limit = None if cls.unbounded else model.max_length

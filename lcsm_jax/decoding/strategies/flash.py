@@ -149,6 +149,9 @@ class Flash(base.MixingStrategy):
   crossover: int | None = None
   pallas_max: int | None = None
 
+  def __post_init__(self):
+    object.__setattr__(self, "options", self.options.resolved())  # smooth='auto' decided
+
   @classmethod
   def from_options(cls, options: EngineOptions, crossover: int | None = None,
                    pallas_max: int | None = None) -> "Flash":
