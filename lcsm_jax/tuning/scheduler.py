@@ -10,7 +10,8 @@ plain schedule was no slower (README, "Smoothed latency").
 XLA reads the choice from XLA_FLAGS once, when JAX starts its backends, for every program of
 the process; jaxlib 0.10.2 accepts the same key as a per-program compiler option and ignores it.
 So the library cannot make it for its own programs: applications do, before JAX starts
-(`lcsm-generate --smooth`, `experiments.latency`).
+(`lcsm-generate`, for every run; `experiments.latency`). `EngineOptions.smooth='auto'`, the
+default, smooths where it is off.
 """
 
 from __future__ import annotations
