@@ -79,8 +79,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("concurrency_scheduler", "auto", ["auto", "on", "off"],
                     "XLA:CPU's concurrency-optimized scheduler for this process "
                     "(`lcsm_jax.tuning.scheduler`): auto turns it off when a smoothed variant is "
-                    "measured (lcsm-generate turns it off for every run); XLA_FLAGS, when it sets the "
-                    "scheduler, wins.", **fv)
+                    "measured (lcsm-generate turns it off for every run); XLA_FLAGS, when it "
+                    "sets the scheduler, wins.", **fv)
   flags_lib.define_out_flag(flag_values, store_lib.RESULTS_DIR / "latency.json")
 
 

@@ -19,7 +19,8 @@ A configuration is `strategy[:step_weights]`: a registered strategy ('flash', 'm
 'eager', 'recompute'; each run in full, so keep the slow ones to short lengths), 'bare' (the
 same token loop with the long convolutions removed: `experiments.distill.bare_program`, float32
 step weights only) or 'offline' (one parallel forward over the L positions, FFT convolutions:
-`Workload.forward`, the reference of `bench_generate`'s "x offline forward"), and, for the language model, 'float32' (default) or 'bfloat16' step weights
+`Workload.forward`, the reference of `bench_generate`'s "x offline forward"), and, for the
+language model, 'float32' (default) or 'bfloat16' step weights
 (`lcsm_jax.Decoder(step_weights=...)`). Modal runs on random order --modal_order filters (its
 per-token cost does not depend on their values; `experiments.distill.random_modal_filters`).
 

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--tau", type=common.from_parser(parse_tau), default="auto",
                       help="Flash block implementation: auto, direct, fft, pallas, or an "
                       "integer crossover (direct for blocks <= tau).")
-  parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
+  parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default="auto",
                       help="Flash: spread each large block's work over the steps before its "
                       "outputs are due, so that no token waits for a whole block (a steadier "
                       "rate per token; README, 'Smoothed latency'): --smooth smooths the levels "
@@ -274,7 +274,7 @@ def _generate_and_print(args: argparse.Namespace, params: Any, config: HyenaConf
                                check_memory=not args.no_memory_check, distilled=distilled,
                                stats=stats, mesh=getattr(args, "device_mesh", None),
                                step_weights=getattr(args, "step_weights", "float32"),
-                               smooth=_smooth_option(getattr(args, "smooth", None))):
+                               smooth=getattr(args, "smooth", "auto")):
     chunks.append(chunk)
     if out is not None:
       out.write(head + decode(chunk, False))
@@ -400,19 +400,14 @@ def _check_comparisons(args: argparse.Namespace, strategy: str, config: HyenaCon
                        f"past l_max: {e}") from None
 
 
-def _smooth_option(flag: bool | None) -> bool | str:
-  """--smooth / --no-smooth / neither: EngineOptions.smooth True / False / 'auto'."""
-  return "auto" if flag is None else flag
-
-
-def _prefer_sequential_scheduler(smooth: bool | None, err: TextIO) -> None:
+def _prefer_sequential_scheduler(smooth: bool | str, err: TextIO) -> None:
   """XLA:CPU's concurrency-optimized scheduler off for this process, unless XLA_FLAGS chooses
   (`tuning.scheduler`): the smoothed schedule needs it off to meet its targets and the plain
-  one is no slower. With --smooth, says so on `err` when it is too late (JAX already
-  started)."""
+  one is no slower. `smooth`: the --smooth flag (True, False or 'auto' when not given); with
+  --smooth, says so on `err` when it is too late (JAX already started)."""
   if scheduler.configured() is not None or scheduler.turn_off_concurrency_scheduler():
     return
-  if smooth:
+  if smooth is True:
     print(f"{PROG}: --smooth: JAX has already started, so XLA:CPU keeps its "
           "concurrency-optimized scheduler (slower smoothed runs on several cores)", file=err,
           flush=True)

@@ -88,14 +88,11 @@ class EngineOptions:
                        f"{self.spectra_max_size!r}.")
     if self.group_bytes < 0:
       raise ValueError(f"group_bytes must be >= 0, got {self.group_bytes}.")
-    if isinstance(self.smooth, str):
-      if self.smooth != "auto":
-        raise ValueError(f"smooth must be 'auto', True, False or a block size >= 1 (the levels "
-                         f"above it are smoothed), got {self.smooth!r}.")
-    elif not isinstance(self.smooth, (bool, int)) or (
-        not isinstance(self.smooth, bool) and self.smooth < 1):
+    smooth = self.smooth
+    if not (smooth == "auto" if isinstance(smooth, str) else
+            isinstance(smooth, bool) or (isinstance(smooth, int) and smooth >= 1)):
       raise ValueError(f"smooth must be 'auto', True, False or a block size >= 1 (the levels "
-                       f"above it are smoothed), got {self.smooth!r}.")
+                       f"above it are smoothed), got {smooth!r}.")
     for name in ("layer_parallel", "precomputed_spectra", "check_memory"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
