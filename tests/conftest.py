@@ -51,6 +51,15 @@ def _no_x64_leak():
   assert not jax.config.jax_enable_x64, "this test left jax_enable_x64 on"
 
 
+@pytest.fixture(autouse=True)
+def _no_xla_flags_leak():
+  """XLA_FLAGS chooses XLA:CPU's scheduler, which EngineOptions.smooth='auto' follows: a test
+  that changes it (to try `tuning.scheduler`) must restore it."""
+  before = os.environ.get("XLA_FLAGS")
+  yield
+  assert os.environ.get("XLA_FLAGS") == before, "this test changed XLA_FLAGS and left it so"
+
+
 # Each compiled XLA:CPU program keeps its code in memory mappings of its own; a pytest-xdist
 # worker that runs half the suite compiles thousands of programs and reached the kernel's limit
 # (vm.max_map_count, 65530), where XLA's compiler crashed with a segmentation fault. Well below it:

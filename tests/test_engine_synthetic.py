@@ -190,7 +190,7 @@ def test_smoothing_is_active_where_a_level_lies_above_the_bridge():
     flash = Flash(decoding.EngineOptions(**options))
     return flash.layout(num_steps)
 
-  plain = layout(300, tau=1, base=4)
+  plain = layout(300, tau=1, base=4, smooth=False)
   assert plain.bridge is None and plain.ring == 256
   smoothed = layout(300, tau=1, base=4, smooth=1)
   assert smoothed.bridge == 4 and smoothed.ring == 512
