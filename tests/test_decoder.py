@@ -234,7 +234,7 @@ def test_memory_estimates_run_nothing(params):
   # for the top level, whose group has blocks 0, 1, 2 below M)
   strategy_state = state.engine.strategy
   assert strategy_state.inputs.shape == (2, 3, 8, 16)
-  assert strategy_state.staged_inputs.shape == (2, 3, 8, 4)
+  assert strategy_state.staged_inputs.shape == (4, 2, 3, 8)
   assert {u: x.shape for u, x in strategy_state.input_spectra.items()} == {
       4: (2, 2, 3, 8, 5), 16: (1, 2, 3, 8, 17)}
   assert decoder._tables is None  # pylint: disable=protected-access

@@ -287,7 +287,7 @@ def test_unresolved_tables_hold_the_direct_taps_of_every_auto_tau(base):
   from lcsm_jax.tuning import crossover as crossover_lib
   taps = jnp.ones((5000, 2, 3), jnp.float32)
   options = decoding.EngineOptions(base=base)
-  head = lambda flash: flash._direct_taps_table(taps).shape[-1] // 2
+  head = lambda flash: flash._direct_taps_table(taps).shape[0] // 2
   unresolved = head(Flash(options))
   assert unresolved > 0
   for crossover in (1, 2, 4, 16, 64, 200, crossover_lib.MAX_DIRECT_SIZE):
@@ -311,7 +311,7 @@ def test_the_token_loop_reads_the_direct_taps_of_the_resolved_tau(base):
     own = resolved._direct_taps_table(taps)  # pylint: disable=protected-access
     cut = resolved.loop_tables(unresolved, 700).direct_taps
     chex.assert_trees_all_equal(cut, own)
-    assert cut.shape[-1] <= unresolved.direct_taps.shape[-1]
+    assert cut.shape[0] <= unresolved.direct_taps.shape[0]
   assert Flash(options).loop_tables(unresolved, 700) is unresolved  # unresolved: as it is
 
 

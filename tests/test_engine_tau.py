@@ -78,6 +78,18 @@ def test_long_sessions_time_the_engine_once_per_shape_and_core_count(fake_measur
   assert len(fake_measurements["engine"]) == 3
 
 
+def test_a_measurement_of_an_older_engine_is_measured_again(fake_measurements, monkeypatch):
+  options = EngineOptions(base=4)
+  engine_tau.crossover(8, 1, 32, options, 4096)
+  (key,) = json.loads(engine_tau.cache_path().read_text())
+  assert key.endswith(f"|engine={engine_tau.ENGINE_REVISION}")
+  engine_tau.crossover(8, 1, 32, options, 4096)
+  assert len(fake_measurements["engine"]) == 1
+  monkeypatch.setattr(engine_tau, "ENGINE_REVISION", engine_tau.ENGINE_REVISION + 1)
+  engine_tau.crossover(8, 1, 32, options, 4096)
+  assert len(fake_measurements["engine"]) == 2
+
+
 def test_an_unwritable_cache_still_gives_the_measurement(fake_measurements, tmp_path,
                                                         monkeypatch):
   blocked = tmp_path / "a file, not a directory"

@@ -42,6 +42,9 @@ MAX_TUNING_WORK = 1 << 23  # channels x positions of a timed run (8 x 256 channe
                            # shapes run fewer positions
 MIN_TUNING_LENGTH = 1024   # ... but not fewer than this (wider still: the binary crossover)
 ROUNDS = 3                 # timed runs of every candidate, interleaved, after a warm-up run
+ENGINE_REVISION = 2        # part of the cache key: raised when the engine's costs change, so
+                           # that measurements of an older engine are not used (2: time-major
+                           # staging, static direct events, 2026-12-04)
 
 
 def cache_path():
@@ -50,7 +53,8 @@ def cache_path():
 
 def cache_key(streams: int, batch: int, width: int, base: int, smooth: Any, length: int) -> str:
   return (f"{machine.device_key()}|streams={streams}|batch={batch}|width={width}|base={base}"
-          f"|smooth={smooth}|length={length}|dft_matmul<={blocks_lib.MATMUL_DFT_MAX}")
+          f"|smooth={smooth}|length={length}|dft_matmul<={blocks_lib.MATMUL_DFT_MAX}"
+          f"|engine={ENGINE_REVISION}")
 
 
 def tuning_length(channels: int) -> int | None:

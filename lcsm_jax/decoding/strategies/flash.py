@@ -52,6 +52,8 @@ SPREAD_UNIT = 32  # smoothed: a level above the bridge runs at most one chunk of
                   # WORKSPACE.md)
 PADDED_WINDOW_MAX_BYTES = 1 << 24  # smoothed levels keep a zero-padded transform input of at
                                    # most this size in the state (`FlashState.padded_windows`)
+STATIC_ENDS_MAX = 64  # direct levels with at most this many blocks in a tile run one static
+                     # branch per event position (`Flash.staged_event`)
 SMOOTHED_ABOVE = 16  # smooth=True spreads the FFT levels larger than this: at 16K (8 x 256,
                      # base 4) the bridge level's events then stay within 5x the median token
                      # (above 64: 11.5x; WORKSPACE.md)
@@ -70,27 +72,33 @@ class FlashTables(NamedTuple):
   reversed_spectra: dict[int, Array] = {}  # {U: (2 distances - 1, S, D, U + 1)} for the
                              # levels up to VECTORISED_SQUARES_MAX with more than one distance:
                              # windows d = distances .. 1, then zeros (see `ring_event`)
-  direct_taps: Array | None = None  # (S, D, 2H): H zeros, then taps[:H], channel-major; H
+  direct_taps: Array | None = None  # (2H, S, D): H zeros, then taps[:H], time-major; H
                              # covers the direct levels' windows (see `_direct_taps`)
 
 
 class FlashState(NamedTuple):
   """Inputs and pending outputs of the online positions, in two tiers (see `Flash.layout`).
 
-  Every buffer is channel-major (time on the last axis), the layout of the transforms: with
-  time-major buffers, the transposes around every transform cost more than the transform.
-  The levels of at least `tile` positions (FFT levels) read and write rings of
-  R = `schedule.ring_rows` positions. The steps and the smaller levels use staging buffers
-  of the current tile (small, so that a step's strided column stays in cache), copied to and
-  from the rings once per tile. Online position r lives at r mod R in the rings and at r mod
-  T in the staging buffers.
+  The levels of at least `tile` positions (FFT levels) read and write channel-major rings
+  (time on the last axis, the layout of the transforms: with time-major rings, the
+  transposes around every transform cost more than the transform) of R =
+  `schedule.ring_rows` positions. The steps and the smaller levels use time-major staging
+  buffers of the current tile: a step writes and reads one contiguous row, and the direct
+  levels' products run over contiguous rows of all channels (on channel-major staging, rows
+  of T floats, XLA:CPU's loops ran them 3-4x slower). Once per tile the tile's inputs go to
+  the ring (transposed) and the ring levels' outputs for the next tile come out into
+  `tile_outputs` (channel-major). Online position r lives at r mod R in the rings and at
+  r mod T in the staging buffers.
   """
 
   inputs: Array          # (S, B, D, R) inputs of the last R online positions (R = 0 when no
                          # level runs on the rings)
   outputs: Array         # (S, B, D, R) pending outputs of the next R positions
-  staged_inputs: Array   # (S, B, D, T) inputs of the current tile (or of the last T positions)
-  staged_outputs: Array  # (S, B, D, T) pending outputs of the current tile
+  staged_inputs: Array   # (T, S, B, D) inputs of the current tile (or of the last T positions)
+  staged_outputs: Array  # (T, S, B, D) pending outputs of the current tile from the levels
+                         # below the tile (every level without ring levels)
+  tile_outputs: Array    # (S, B, D, T') pending outputs of the current tile from the ring
+                         # levels (T' = T, or 0 without ring levels)
   prompt_inputs: Array   # (P, S, B, D) for 0 < P <= DIRECT_PROMPT_MAX (else 0 rows): the
                          # prompt's contribution is added at every step by P products
   prompt_outputs: Array  # (M, S, B, D) the prompt's contribution to every online position, for
@@ -214,7 +222,7 @@ class Flash(base.MixingStrategy):
     return tables.taps
 
   def _direct_taps_table(self, taps: Array) -> Array:
-    """The first H taps, channel-major, after H zeros: (S, D, 2H), H the largest window
+    """The first H taps after H zeros: (2H, S, D), H the largest window
     (rows + U, at most DIRECT_TAPS_MAX) of the direct levels of a plan of T steps. With tau
     'auto' unresolved (a session's tables serve every batch size, each with its own
     crossover), those of the largest tau it may resolve to. Made here: made in the token loop,
@@ -242,26 +250,28 @@ class Flash(base.MixingStrategy):
     table = tables.direct_taps
     if table is None or self.tau == "auto":
       return tables
-    head, need = table.shape[-1] // 2, self._direct_head(num_steps)
+    head, need = table.shape[0] // 2, self._direct_head(num_steps)
     if need >= head:
       return tables
-    return tables._replace(direct_taps=table[..., head - need:head + need])
+    return tables._replace(direct_taps=table[head - need:head + need])
 
   @staticmethod
   def _padded_head(taps: Array, head: int) -> Array:
-    """taps (T, S, D) -> (S, D, 2 head) float32: `head` zeros, then taps[:head] (zero past
-    T), time on the last axis."""
+    """taps (T, S, D) -> (2 head, S, D) float32: `head` zeros, then taps[:head] (zero past
+    T)."""
     window = jnp.pad(taps[:head], [(head, head - min(head, taps.shape[0]))] + [(0, 0)] * 2)
-    return jnp.moveaxis(window, 0, -1).astype(jnp.float32)
+    return window.astype(jnp.float32)
 
   def table_layout(self, tables: FlashTables) -> FlashTables:
     return FlashTables(sharding.TAPS,
                        {size: sharding.WINDOW_SPECTRA for size in tables.spectra},
                        {size: sharding.WINDOW_SPECTRA for size in tables.reversed_spectra},
-                       sharding.DIRECT_TAPS)
+                       sharding.TAPS)
 
   def state_layout(self, state: FlashState) -> FlashState:
-    return FlashState(*(sharding.STATES,) * 4, sharding.TIME_MAJOR, sharding.TIME_MAJOR,
+    return FlashState(sharding.STATES, sharding.STATES, sharding.TIME_MAJOR,
+                      sharding.TIME_MAJOR, sharding.STATES, sharding.TIME_MAJOR,
+                      sharding.TIME_MAJOR,
                       {size: sharding.TIME_MAJOR for size in state.input_spectra},
                       {size: sharding.STATES for size in state.padded_windows},
                       {size: sharding.STATES for size in state.bridge_products})
@@ -327,7 +337,8 @@ class Flash(base.MixingStrategy):
       bridge_products[layout.bridge] = jnp.zeros((streams, batch, width, layout.bridge + 1),
                                                  jnp.complex64)
     return FlashState(channel_major(layout.ring), channel_major(layout.ring),
-                      channel_major(layout.staged), channel_major(layout.staged), *prompt_state,
+                      zeros(layout.staged), zeros(layout.staged),
+                      channel_major(layout.staged if layout.tile else 0), *prompt_state,
                       input_spectra, padded_windows, bridge_products)
 
   def smoothed_shape(self, layout: Layout, level: int, streams: int, batch: int, width: int
@@ -343,8 +354,11 @@ class Flash(base.MixingStrategy):
     return group_streams, batch, chunk
 
   def pending(self, tables: FlashTables, state: FlashState, r) -> Array:
-    staged = state.staged_outputs.shape[-1]
-    out = lax.dynamic_index_in_dim(state.staged_outputs, r % staged, axis=3, keepdims=False)
+    staged = state.staged_outputs.shape[0]
+    out = lax.dynamic_index_in_dim(state.staged_outputs, r % staged, axis=0, keepdims=False)
+    if state.tile_outputs.shape[-1]:
+      out = out + lax.dynamic_index_in_dim(state.tile_outputs, r % staged, axis=3,
+                                           keepdims=False)
     if state.prompt_outputs.shape[0]:
       out = out + base.read_row(state.prompt_outputs, r)
     if state.prompt_inputs.shape[0]:
@@ -361,10 +375,10 @@ class Flash(base.MixingStrategy):
     layout = self.layout(num_steps)
     plan = layout.plan
     state = self.spread_work(layout, tables, state, r)
-    column = lambda buffer, values: lax.dynamic_update_index_in_dim(
-        buffer, values.astype(buffer.dtype), r % layout.staged, axis=3)
-    state = state._replace(staged_inputs=column(state.staged_inputs, inputs),
-                           staged_outputs=column(state.staged_outputs, jnp.zeros_like(inputs)))
+    row = lambda buffer, values: lax.dynamic_update_index_in_dim(
+        buffer, values.astype(buffer.dtype), r % layout.staged, axis=0)
+    state = state._replace(staged_inputs=row(state.staged_inputs, inputs),
+                           staged_outputs=row(state.staged_outputs, jnp.zeros_like(inputs)))
     i = r + 1
     # Loops of zero or one trip; their bodies depend on the trip index j (always 0) so that
     # XLA cannot hoist the work out of the token loop.
@@ -381,15 +395,15 @@ class Flash(base.MixingStrategy):
   def tile_end(self, layout: Layout, tables: FlashTables, state: FlashState, end,
                trip) -> FlashState:
     """After the tile that ends at online position `end`: its inputs go to the rings, the
-    ring columns staged a tile ago are cleared, the ring levels' events run, and the next
-    tile's pending outputs are staged; a plain ring level of the tile's size runs last, on the
-    staging buffers (`ring_event(staged=True)`). (Clearing after the staging read instead made
-    XLA copy the ring, unable to order the read before the write.)"""
+    ring columns staged a tile ago are cleared, the ring levels' events run, and their
+    pending outputs of the next tile are staged in `tile_outputs`; a plain ring level of the
+    tile's size runs last, on the staging buffers (`ring_event(staged=True)`). (Clearing
+    after the staging read instead made XLA copy the ring, unable to order the read before
+    the write.)"""
     plan, tile, ring = layout.plan, layout.tile, layout.ring
-    scale = jnp.asarray(1 + trip, jnp.float32)  # the whole staging buffer: see `ring_event`
     state = state._replace(
         inputs=lax.dynamic_update_slice_in_dim(
-            state.inputs, state.staged_inputs * scale, (end - tile) % ring, axis=3),
+            state.inputs, self._tile_inputs(state, trip), (end - tile) % ring, axis=3),
         outputs=lax.dynamic_update_slice_in_dim(
             state.outputs, jnp.zeros(state.outputs.shape[:3] + (tile,), jnp.float32),
             (end - tile) % ring, axis=3))
@@ -404,13 +418,26 @@ class Flash(base.MixingStrategy):
         event = lambda j, s, level=level: self.ring_event(layout, tables, s, level, end + j, j)
         state = lax.fori_loop(0, plan.runs_block(level, end).astype(jnp.int32), event, state)
     state = state._replace(
-        staged_outputs=lax.dynamic_slice_in_dim(state.outputs, end % ring, tile, axis=3))
+        tile_outputs=lax.dynamic_slice_in_dim(state.outputs, end % ring, tile, axis=3))
     # its output block is the next tile, which nothing reads from the ring after the staging
     for level in staged_levels:
       event = lambda j, s, level=level: self.ring_event(layout, tables, s, level, end + j, j,
                                                         staged=True)
       state = lax.fori_loop(0, plan.runs_block(level, end).astype(jnp.int32), event, state)
     return state
+
+  @staticmethod
+  def _channels(state: FlashState) -> tuple[int, int, int]:
+    """(S, B, D) of the state's streams, batch rows and channels."""
+    return state.staged_inputs.shape[1:]
+
+  @staticmethod
+  def _tile_inputs(state: FlashState, trip) -> Array:
+    """The staging buffer's inputs channel-major, (S, B, D, T), as the ring levels read them.
+    Scaled by 1 + trip (trip is the index, always 0, of the 0-or-1-trip loop of a tile end):
+    the whole buffer is read whatever the position, and without a dependence on the loop XLA
+    hoists the transforms of the reading events out of it (see `ring_event`)."""
+    return jnp.moveaxis(state.staged_inputs, 0, -1) * jnp.asarray(1 + trip, jnp.float32)
 
   def _groups(self, rows: int, shape: tuple[int, int, int], compute, state: FlashState):
     """Runs compute(state, s, c, (S', B, D')) over the groups of streams and channels of an
@@ -431,18 +458,39 @@ class Flash(base.MixingStrategy):
   def staged_event(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
                    end, trip=0) -> FlashState:
     """The event of a level below the tile, on the time-major staging rows: adds the
-    contribution of the group's completed input blocks to the outputs [end, end + U)."""
+    contribution of the group's completed input blocks to the outputs [end, end + U).
+
+    A direct level with few event positions in a tile (`static_ends`) runs one branch per
+    position (`lax.switch`), each with static offsets: XLA:CPU computed dynamic offsets of
+    the staging rows element by element (a direct event of 12 x 4 rows of 2048 channels:
+    6 us static, 40-60 us at a dynamic offset, by slice or gather alike)."""
     plan = layout.plan
     size, slot = plan.size(level), plan.slot(level, end)
     method = layout.blocks.method(size)
     rows = plan.direct_window(level) if method == "direct" else size
     staged = layout.staged
     out_len = plan.rows_written(level)
+    ends = self.static_ends(layout, level) if method == "direct" else None
+
+    def at_static_end(e, state, s, c, shape):  # the event whose block starts at e mod tile
+      reach = (e // size) % plan.base * size
+      window = lax.dynamic_slice(state.staged_inputs, (e - reach, s, 0, c), (reach,) + shape)
+      out = blocks_lib.direct_block(
+          window, self._direct_taps(tables, reach, size, reach, s, c, shape), out_len)
+      return state._replace(staged_outputs=_add_at(state.staged_outputs, out, (e, s, 0, c)))
 
     def compute(state, s, c, shape):
-      def read(first, count):  # (S', B, D', count)
-        window = lax.dynamic_slice(state.staged_inputs, (s, 0, c, first % staged),
-                                   shape + (count,))
+      if ends is not None:
+        m = end % staged // size  # the block's index in the tile, not a multiple of b
+        return lax.switch(m - m // plan.base - 1,
+                          [lambda st, e=e: at_static_end(e, st, s, c, shape) for e in ends],
+                          state)
+
+      def read(first, count):  # (count, S', B, D')
+        # a gather of whole rows: XLA:CPU ran the same dynamic slice (time on the major axis)
+        # element by element, 6x slower
+        window = jnp.take(state.staged_inputs, (first + jnp.arange(count)) % staged, axis=0)
+        window = lax.dynamic_slice(window, (0, s, 0, c), (count,) + shape)
         if count == staged:
           window = window * jnp.asarray(1 + trip, window.dtype)
         return window
@@ -451,24 +499,33 @@ class Flash(base.MixingStrategy):
         reach = slot * size  # inputs of the group completed so far
         window = read(end - reach, rows)
         if rows > size:  # base > 2: the group's later rows are not inputs yet
-          window = jnp.where(jnp.arange(rows) < reach, window, 0)
-        out = blocks_lib.direct_block_time_last(
+          window = jnp.where((jnp.arange(rows) < reach)[:, None, None, None], window, 0)
+        out = blocks_lib.direct_block(
             window, self._direct_taps(tables, rows, size, reach, s, c, shape), out_len)
       else:  # the squares (q, slot), q < slot, one at a time
         def square(q, out):
-          window = jnp.moveaxis(read(end - (slot - q) * size, size), -1, 0)
+          window = read(end - (slot - q) * size, size)
           taps = self._taps(tables, (slot - q - 1) * size, 2 * size, s, c, shape)
           if method == "pallas":
             return out + blocks_lib.pallas_block(window, taps[:, :, 0, :], out_len).astype(
                 jnp.float32)
           return out + blocks_lib.fft_block(
               window, blocks_lib.filter_spectrum(taps[:, :, 0, :], size)[:, None], out_len)
-        out = jnp.moveaxis(lax.fori_loop(0, slot, square,
-                                         jnp.zeros((out_len,) + shape, jnp.float32)), 0, -1)
+        out = lax.fori_loop(0, slot, square, jnp.zeros((out_len,) + shape, jnp.float32))
       return state._replace(staged_outputs=_add_at(state.staged_outputs, out,
-                                                   (s, 0, c, end % staged)))
+                                                   (end % staged, s, 0, c)))
 
-    return self._groups(rows, state.staged_inputs.shape[:3], compute, state)
+    return self._groups(rows, self._channels(state), compute, state)
+
+  @staticmethod
+  def static_ends(layout: Layout, level: int) -> list[int] | None:
+    """The starts e (mod tile) of the output blocks of a level below the tile, in order (the
+    multiples of U in the tile but those of bU), when the staging buffer is the tile and they
+    are at most STATIC_ENDS_MAX; else None."""
+    plan, size = layout.plan, layout.plan.size(level)
+    if layout.tile is None or layout.staged // size > STATIC_ENDS_MAX:
+      return None
+    return [e for e in range(size, layout.staged, size) if e // size % plan.base]
 
   def ring_event(self, layout: Layout, tables: FlashTables, state: FlashState, level: int,
                  end, trip=0, staged: bool = False) -> FlashState:
@@ -492,11 +549,12 @@ class Flash(base.MixingStrategy):
     def compute(state, s, c, shape):
       streams, batch, chunk = shape
       if staged:  # the tile just completed: the whole staging buffer, as in the ring's case
-        window = lax.dynamic_slice(state.staged_inputs, (s, 0, c, 0), shape + (size,))
+        window = lax.dynamic_slice(self._tile_inputs(state, trip), (s, 0, c, 0),
+                                   shape + (size,))
       else:
         window = lax.dynamic_slice(state.inputs, (s, 0, c, (end - size) % ring),
                                    shape + (size,))
-      if staged or size == ring:
+      if size == ring and not staged:
         window = window * jnp.asarray(1 + trip, window.dtype)
       x = blocks_lib.input_spectrum(window)  # (S', B, D', U + 1)
 
@@ -537,10 +595,10 @@ class Flash(base.MixingStrategy):
         state = state._replace(input_spectra={**state.input_spectra, size: spectra})
       out = blocks_lib.outputs_from_spectrum(product, plan.rows_written(level))
       if staged:
-        return state._replace(staged_outputs=_add_at(state.staged_outputs, out, (s, 0, c, 0)))
+        return state._replace(tile_outputs=_add_at(state.tile_outputs, out, (s, 0, c, 0)))
       return state._replace(outputs=_add_at(state.outputs, out, (s, 0, c, end % ring)))
 
-    return self._groups(size, state.staged_inputs.shape[:3], compute, state)
+    return self._groups(size, self._channels(state), compute, state)
 
   def spread_work(self, layout: Layout, tables: FlashTables, state: FlashState, i
                   ) -> FlashState:
@@ -581,12 +639,12 @@ class Flash(base.MixingStrategy):
         newest = None
         if size == layout.staged:  # the block just completed is the staging buffer: read it
           # there (contiguous) rather than from the ring (U-float pieces of long rows, which
-          # XLA copied at ~2 ns a float); scaled by 1 + trip so that it is not hoisted
-          newest = lax.dynamic_slice(st.staged_inputs, (s, 0, c, 0), group + (size,)) * (
-              jnp.asarray(1 + trip, jnp.float32))
+          # XLA copied at ~2 ns a float)
+          newest = lax.dynamic_slice(self._tile_inputs(st, trip), (s, 0, c, 0),
+                                     group + (size,))
         return self.smoothed_block(layout, tables, st, level, end // size + trip, 1, s, c,
                                    group, newest, older)
-      return self._groups(size, state.staged_inputs.shape[:3], compute, state)
+      return self._groups(size, self._channels(state), compute, state)
 
     return lax.fori_loop(0, (end % size == 0).astype(jnp.int32), run_block, state)
 
@@ -647,7 +705,7 @@ class Flash(base.MixingStrategy):
     step carries two levels' chunks and no tile end carries one."""
     plan, unit = layout.plan, self.spread_unit(layout)
     size = plan.size(level)
-    shape = state.staged_inputs.shape[:3]
+    shape = self._channels(state)
     slots = size // unit
     group_streams, chunk, count = self.smooth_chunks(slots, *shape)
     offset = i % size - self.spread_phase(layout, level)
@@ -756,7 +814,7 @@ class Flash(base.MixingStrategy):
                                     block + trip, 1, s, c, group, zeros)
         return st._replace(bridge_products={size: lax.dynamic_update_slice(
             st.bridge_products[size], older, (s, 0, c, 0))})
-      return self._groups(size, state.staged_inputs.shape[:3], compute, state)
+      return self._groups(size, self._channels(state), compute, state)
 
     return lax.fori_loop(0, runs.astype(jnp.int32), run, state)
 
@@ -784,17 +842,22 @@ class Flash(base.MixingStrategy):
 
   @staticmethod
   def _direct_taps(tables: FlashTables, rows: int, size: int, reach, s, c, shape) -> Array:
-    """Taps [reach - rows, reach + size) of the group's streams and channels, zero before 0,
-    channel-major: (S', 1, D', rows + size). Sliced from `FlashTables.direct_taps`, or for a
-    window larger than it, from a padded copy of the first taps."""
+    """Taps [reach - rows, reach + size) of the group's streams and channels, zero before 0:
+    (rows + size, S', 1, D'). Gathered (whole rows; see `staged_event`) from
+    `FlashTables.direct_taps`, or for a window larger than it, from a padded copy of the
+    first taps."""
     streams, _, chunk = shape
     table = tables.direct_taps
-    head = 0 if table is None else table.shape[-1] // 2
+    head = 0 if table is None else table.shape[0] // 2
     if rows + size > head:  # outside the table (tau unresolved in `prepare`, large windows)
       head = rows + size
       table = Flash._padded_head(tables.taps, head)
-    return lax.dynamic_slice(table, (s, c, head - rows + reach),
-                             (streams, chunk, rows + size))[:, None]
+    start = head - rows + reach
+    if isinstance(start, int):
+      window = lax.slice_in_dim(table, start, start + rows + size, axis=0)
+    else:
+      window = jnp.take(table, start + jnp.arange(rows + size), axis=0)
+    return lax.dynamic_slice(window, (0, s, c), (rows + size, streams, chunk))[:, :, None]
 
   @staticmethod
   def _taps(tables: FlashTables, start, rows: int, s, c, shape) -> Array:
