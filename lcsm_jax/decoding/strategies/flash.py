@@ -43,7 +43,6 @@ from lcsm_jax.tuning import crossover as crossover_lib
 Array = jax.Array
 
 BINARY_SPECTRA_MAX = 1 << 15  # spectra_max_size='auto' with base 2
-VECTORISED_SQUARES_MAX = 64  # ring levels up to this block size add their squares at once
 DIRECT_TAPS_MAX = 4096  # `prepare` lays out the taps of direct levels with windows up to this
 SPREAD_UNIT = 32  # smoothed: a level above the bridge runs at most one chunk of a block per
                   # this many positions, or per bridge block if smaller (16K, 8 x 256, base 4,
@@ -69,9 +68,6 @@ class FlashTables(NamedTuple):
   taps: Array                # (T, S, D)
   spectra: dict[int, Array]  # {U: (distances, S, D, U + 1)} spectra of the filter windows
                              # taps[(d - 1)U : (d + 1)U] of the precomputed FFT levels
-  reversed_spectra: dict[int, Array] = {}  # {U: (2 distances - 1, S, D, U + 1)} for the
-                             # levels up to VECTORISED_SQUARES_MAX with more than one distance:
-                             # windows d = distances .. 1, then zeros (see `ring_event`)
   direct_taps: Array | None = None  # (2H, S, D): H zeros, then taps[:H], time-major; H
                              # covers the direct levels' windows (see `_direct_taps`)
 
@@ -210,11 +206,7 @@ class Flash(base.MixingStrategy):
                               if self.options.smooth else 0)
     spectra = {size: blocks_lib.window_spectra(taps, size, distances(levels[size]))
                for size in self.spectrum_sizes(taps.shape[0])}
-    reversed_spectra = {
-        size: jnp.pad(table[::-1], [(0, table.shape[0] - 1)] + [(0, 0)] * 3)
-        for size, table in spectra.items()
-        if size <= VECTORISED_SQUARES_MAX and table.shape[0] > 1}
-    return FlashTables(taps, spectra, reversed_spectra, self._direct_taps_table(taps))
+    return FlashTables(taps, spectra, self._direct_taps_table(taps))
 
   def prefill_taps(self, tables: FlashTables, length: int) -> Array:
     # the model's filters as prepare received them: the model's own parameters for them can go.
@@ -265,7 +257,6 @@ class Flash(base.MixingStrategy):
   def table_layout(self, tables: FlashTables) -> FlashTables:
     return FlashTables(sharding.TAPS,
                        {size: sharding.WINDOW_SPECTRA for size in tables.spectra},
-                       {size: sharding.WINDOW_SPECTRA for size in tables.reversed_spectra},
                        sharding.TAPS)
 
   def state_layout(self, state: FlashState) -> FlashState:
@@ -559,39 +550,32 @@ class Flash(base.MixingStrategy):
       x = blocks_lib.input_spectrum(window)  # (S', B, D', U + 1)
 
       window_spectrum = lambda d: self._window_spectrum(tables, size, d, s, c, shape)
+      at = lambda q: (q, s, 0, c, 0)
+      slot_shape = (1,) + shape + (size + 1,)
 
-      product = x * window_spectrum(1)
-      if distances > 1:
+      def squares(slot_value, x, spectra=None):  # input blocks q < slot_value of the group
+        product = x * window_spectrum(1)  # (the newest, q = slot - 1, is x)
+        for q in range(slot_value - 1):
+          earlier = lax.dynamic_slice(spectra, at(q), slot_shape)[0]
+          product = product + earlier * window_spectrum(slot_value - q)
+        return product
+
+      if distances == 1:
+        product = squares(1, x)
+      else:
         # Slot q holds the spectrum of the group's input block q (q <= distances - 2: the
         # last input block of a group feeds no later block). It is written first, then read
-        # by a loop over the traced number of earlier blocks, which leaves the slots in place
-        # (updating per-output accumulators instead made XLA copy them at every event).
-        at = lambda q: (q, s, 0, c, 0)
-        slot_shape = (1,) + shape + (size + 1,)
+        # by the branch of this slot, which leaves the slots in place (updating per-output
+        # accumulators instead made XLA copy them at every event). One branch per slot: each
+        # reads only the spectra it uses, at static offsets, in one pass (all slots masked
+        # read every slot; a loop over them wrote the product at every trip).
         spectra = state.input_spectra[size]
         keep = jnp.minimum(slot - 1, distances - 2)
         kept = lax.dynamic_slice(spectra, at(keep), slot_shape)
         spectra = lax.dynamic_update_slice(spectra, jnp.where(slot < distances, x[None], kept),
                                            at(keep))
-
-        if size in tables.reversed_spectra:
-          # small blocks: every slot at once, masked (a loop costs more than its work here);
-          # windows[q] = the spectrum of distance slot - q, a slice of the reversed table
-          # (made in `prepare`: made here, XLA hoisted it out of the token loop, which then
-          # cost 3 ms per call of one token)
-          reverse = tables.reversed_spectra[size]
-          first = reverse.shape[0] // 2 + 1 - slot  # the table's distances, >= this plan's
-          windows = lax.dynamic_slice(reverse, (first, s, c, 0),
-                                      (distances - 1, streams, chunk, size + 1))
-          earlier = jnp.arange(distances - 1)[:, None, None, None, None] < slot - 1
-          slots = lax.dynamic_slice(spectra, at(0), (distances - 1,) + slot_shape[1:])
-          product = product + jnp.where(earlier, slots * windows[:, :, None], 0).sum(axis=0)
-        else:
-          def add_square(q, product):  # input block q < slot - 1 against output block `slot`
-            earlier = lax.dynamic_slice(spectra, at(q), slot_shape)[0]
-            return product + earlier * window_spectrum(slot - q)
-
-          product = lax.fori_loop(0, slot - 1, add_square, product)
+        product = lax.switch(slot - 1, [lambda x, v=v: squares(v, x, spectra)
+                                        for v in range(1, distances + 1)], x)
         state = state._replace(input_spectra={**state.input_spectra, size: spectra})
       out = blocks_lib.outputs_from_spectrum(product, plan.rows_written(level))
       if staged:
