@@ -121,6 +121,36 @@ def check_flash_case(base, options, prompt_len, steps):
   check_rollout(stack, params, prompt, steps, outputs)
 
 
+@pytest.fixture
+def static_ends_max(monkeypatch):
+  """Sets flash's STATIC_ENDS_MAX for one test; the compiled programs (which bake it in) are
+  forgotten before and after."""
+  import lcsm_jax
+  from lcsm_jax.decoding.strategies import flash as flash_module
+  lcsm_jax.clear_caches()
+  yield lambda value: monkeypatch.setattr(flash_module, "STATIC_ENDS_MAX", value)
+  lcsm_jax.clear_caches()
+
+
+@pytest.mark.parametrize("base,tau,limit,branches", [
+    (4, 4, None, {1: 12, 4: 3}),   # every direct level by static branches (tile 16)
+    (4, 4, 0, {1: None, 4: None}),  # every one by gathers at traced offsets
+    (2, 8, 4, {1: None, 2: None, 4: 2, 8: 1}),  # tile 16: the small levels have too many
+    (8, 8, None, {1: 56, 8: 7})])
+def test_direct_levels_by_static_branches_or_gathers_match_direct_forward(
+    static_ends_max, base, tau, limit, branches):
+  if limit is not None:
+    static_ends_max(limit)
+  flash = Flash(decoding.EngineOptions(base=base, tau=tau, smooth=False))
+  layout = flash.layout(300)
+  ends = {layout.plan.size(k): flash.static_ends(layout, k) for k in range(layout.plan.num_levels)
+          if layout.plan.size(k) < layout.tile}
+  assert {size: e if e is None else len(e) for size, e in ends.items()} == branches
+  for size, e in ends.items():  # the output blocks of each level that start inside a tile
+    assert e is None or e == [t for t in range(size, layout.tile, size) if t % (base * size)]
+  check_flash_case(base, dict(tau=tau), 3, 300)
+
+
 def test_flash_base_b_with_a_mixed_tau_mapping():
   stack = ConvStack(2, 5, 300)
   params = stack.init(jax.random.key(5))
