@@ -244,6 +244,19 @@ def test_a_row_samples_the_same_tokens_whatever_its_batch():
   assert len({tuple(row) for row in batch}) == 3  # really sampled
 
 
+def test_the_hosts_available_memory_is_read_at_most_once_a_second(monkeypatch):
+  """Streamed generation checks memory at every call; the OS's figure serves a second."""
+  readings, clock = iter([5_000, 7_000]), [100.0]
+  monkeypatch.setattr(memory, "_read_host_available_bytes", lambda: next(readings))
+  monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+  monkeypatch.setattr(memory, "_host_reading", None)
+  assert memory._host_available_bytes() == 5_000  # pylint: disable=protected-access
+  clock[0] += memory.HOST_READING_SECONDS / 2
+  assert memory._host_available_bytes() == 5_000  # pylint: disable=protected-access
+  clock[0] += memory.HOST_READING_SECONDS
+  assert memory._host_available_bytes() == 7_000  # pylint: disable=protected-access
+
+
 def test_a_run_that_cannot_fit_is_refused_before_it_starts(params, monkeypatch):
   monkeypatch.setattr(memory, "available_bytes", lambda device=None: (10_000, "a test limit"))
   with pytest.raises(memory.InsufficientMemoryError,
