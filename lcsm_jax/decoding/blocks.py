@@ -59,26 +59,6 @@ def direct_block(inputs: Array, taps: Array, out_len: int) -> Array:
   return out
 
 
-def direct_block_time_last(inputs: Array, taps: Array, out_len: int) -> Array:
-  """`direct_block` with time on the last axis: inputs (*C, N), taps (*C', >= N + out_len)
-  broadcastable -> (*C, out_len) float32, out[..., j] = sum_k inputs[..., k] taps[..., N + j - k].
-  """
-  size = inputs.shape[-1]
-  inputs, taps = inputs.astype(jnp.float32), taps.astype(jnp.float32)
-  if size > UNROLLED_DIRECT_MAX:
-    def add_term(k, out):
-      window = jax.lax.dynamic_slice_in_dim(taps, size - k, out_len, axis=-1)
-      return out + jax.lax.dynamic_slice_in_dim(inputs, k, 1, axis=-1) * window
-    zeros = jnp.zeros(jnp.broadcast_shapes(inputs.shape[:-1], taps.shape[:-1]) + (out_len,),
-                      jnp.float32)
-    return jax.lax.fori_loop(0, size, add_term, zeros)
-  out = None
-  for k in range(size):
-    term = inputs[..., k:k + 1] * taps[..., size - k:size - k + out_len]
-    out = term if out is None else out + term
-  return out
-
-
 def filter_spectrum(taps: Array, size: int) -> Array:
   """rfft of taps[0 .. 2U-1] along time for block size U: (2U, ..., D) -> (..., D, U + 1)."""
   window = jnp.moveaxis(taps[:2 * size], 0, -1)
